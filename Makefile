@@ -1,0 +1,31 @@
+# The README's commands. Every target that runs Python first makes .venv (if missing) and
+# installs the pinned stack from requirements/ and the package (editable) into it.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+OUT ?= artifacts
+PYTEST_ARGS ?=
+
+.PHONY: all venv test export cpp bench gpu-check clean
+
+all: test
+
+$(STAMP): requirements/base.txt requirements/onnx.txt requirements/test.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements/test.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	touch $@
+
+venv: $(STAMP)
+
+## Run the whole test suite (what CI runs).
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+## Export every artifact with the embedded default config and print the parity table.
+export: $(STAMP)
+	$(PY) export/export.py --out $(OUT) --force
+
+clean:
+	rm -rf build $(OUT) .pytest_cache

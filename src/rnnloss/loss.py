@@ -1,0 +1,221 @@
+r"""The composite CTRNN loss: task MSE, weight-size penalties and firing-rate regularisers.
+
+Every formula lives in one function here with its math in the docstring; :class:`RNNLoss`
+only validates its inputs, picks the active ones and applies the λ weights.
+"""
+import difflib
+import math
+from typing import Final, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._checks import accumulation_dtype, check_float_tensor, shape_of
+from .model import CTRNN
+
+COMPONENT_NAMES: Tuple[str, ...] = ("mse", "in", "hid", "out", "fr", "fr_sd", "fr_cv")
+LAMBDA_NAMES: Tuple[str, ...] = tuple("lambda_" + name for name in COMPONENT_NAMES)
+LAMBDA_DEFAULTS = {"lambda_mse": 1.0, **{name: 0.0 for name in LAMBDA_NAMES[1:]}}
+
+
+def mean_square(x: Tensor) -> Tensor:
+    r"""Mean of squares over every element: :math:`\frac{1}{n}\sum_k x_k^2`.
+
+    Used for the MSE (``x = pred − label`` is formed inside), the weight penalties
+    (:math:`\|W\|_F^2 / (\text{rows}\cdot\text{cols})`) and ``fr`` (the mean of r², not the
+    square of the mean). Written as ``mse_loss(x, 0)`` so that forward is one fused pass with an
+    exact (cascade) summation and backward one fused ``2x/n`` kernel: no extra full-size
+    temporaries kept for autograd. float16/bfloat16 are first widened to float32.
+    """
+    x = x.to(accumulation_dtype(x))
+    return F.mse_loss(x, x.new_zeros(()).expand(x.shape))
+
+
+def mean_squared_error(pred: Tensor, label: Tensor) -> Tensor:
+    r"""``mse``: :math:`\frac{1}{n}\sum_k (\hat y_k - y_k)^2` over every element (any shape)."""
+    acc = torch.promote_types(accumulation_dtype(pred), accumulation_dtype(label))
+    return F.mse_loss(pred.to(acc), label.to(acc))
+
+
+def neuron_mean_rates(states: Tensor) -> Tensor:
+    r"""Per-neuron mean rate :math:`\bar r_i = \frac{1}{M}\sum_{s} r_{s,i}` over all M samples.
+
+    ``states`` is (…, N_hid); every leading index (batch, time, …) is a sample. One reduction
+    over the sample axis; its backward is a broadcast view, not a materialised tensor.
+    """
+    r = states.to(accumulation_dtype(states))
+    return r.reshape(-1, r.size(-1)).mean(dim=0)
+
+
+def rate_sd_cv(mean_rates: Tensor) -> Tuple[Tensor, Tensor]:
+    r"""``fr_sd`` and ``fr_cv`` from the per-neuron means :math:`\bar r_i` (i = 1 … N_hid).
+
+    .. math::
+        \mu = \frac{1}{N}\sum_i \bar r_i, \qquad
+        \sigma = \sqrt{\frac{1}{N}\sum_i (\bar r_i - \mu)^2}, \qquad
+        \mathrm{CV} = \sigma / \mu
+
+    μ, the mean of the per-neuron means, equals the mean of all rates. σ is the population SD
+    (divide by N, not N − 1) and is computed from the deviations themselves, so a large mean
+    with a tiny spread loses no precision (no E[x²] − E[x]² cancellation).
+
+    Edge cases:
+        - σ = 0 (every neuron has the same mean rate, e.g. all silent): σ = 0 and CV = 0 with
+          zero gradients. The square root's infinite slope at 0 is never evaluated.
+        - σ > 0 and μ = 0: the CV is undefined; returns +inf (and a zero gradient).
+        - NaN or ±inf in the rates: σ and CV are NaN. The σ = 0 guard tests ``var == 0``,
+          which is false for NaN, so it never turns a NaN into 0.
+    """
+    mu = mean_rates.mean()
+    dev = mean_rates - mu
+    var = (dev * dev).mean()
+    flat = var == 0
+    # Double-where: the untaken branch is evaluated on a safe value so its gradient stays finite.
+    sd = torch.where(flat, torch.zeros_like(var), torch.sqrt(torch.where(flat, torch.ones_like(var), var)))
+    centred = mu == 0
+    cv = torch.where(centred, torch.full_like(var, math.inf), sd / torch.where(centred, torch.ones_like(mu), mu))
+    cv = torch.where(flat, torch.zeros_like(var), cv)
+    return sd, cv
+
+
+class RNNLoss(nn.Module):
+    r"""Composite loss of a :class:`~rnnloss.CTRNN`.
+
+    ``forward(pred, label, states=None) -> (total, components)`` where ``components`` has length 7
+    in the fixed order of :attr:`component_names` (λ already applied) and ``total`` is
+    ``components.sum()``:
+
+    ====  ========  ==========================================================================
+    0     mse       λ_mse · mean((pred − label)²) over every element
+    1     in        λ_in · ‖W_in‖²_F / (N_in · N_hid)
+    2     hid       λ_hid · ‖W_hid‖²_F / N_hid²
+    3     out       λ_out · ‖W_out‖²_F / (N_out · N_hid)
+    4     fr        λ_fr · mean of r² over every sample and neuron
+    5     fr_sd     λ_fr_sd · σ, σ the population SD of the per-neuron mean rates
+    6     fr_cv     λ_fr_cv · σ / μ, μ the mean of all rates
+    ====  ========  ==========================================================================
+
+    The weights are the live parameters of ``model`` (held as the submodule ``model``). A
+    component whose λ is 0 at construction is inactive: never computed, its entry exactly 0.
+    The λ values are the float buffer ``lambdas`` (shape [7]); change it at run time to anneal
+    an active component.
+
+    Shape:
+        - pred, label: any shape, identical (no broadcasting); commonly (T, B, N_out).
+        - states: (…, N_hid), every leading index a sample; required when λ_fr, λ_fr_sd or
+          λ_fr_cv > 0.
+        - total: 0-dim; components: (7,). float16/bfloat16 inputs give float32; otherwise the
+          promoted dtype of the inputs and weights.
+    """
+
+    __jit_unused_properties__ = ["active"]
+    component_names: List[str]
+    _on: Final[Tuple[bool, bool, bool, bool, bool, bool, bool]]
+    _need_states: Final[bool]
+    _need_means: Final[bool]
+    n_hid: Final[int]
+
+    def __init__(
+        self,
+        model: CTRNN,
+        *,
+        lambda_mse: float = 1.0,
+        lambda_in: float = 0.0,
+        lambda_hid: float = 0.0,
+        lambda_out: float = 0.0,
+        lambda_fr: float = 0.0,
+        lambda_fr_sd: float = 0.0,
+        lambda_fr_cv: float = 0.0,
+        **unknown: float,
+    ) -> None:
+        super().__init__()
+        if unknown:
+            name = sorted(unknown)[0]
+            close = difflib.get_close_matches(name, LAMBDA_NAMES, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise TypeError(
+                f"RNNLoss got an unexpected keyword argument {name!r}{hint}; "
+                f"valid keywords are {list(LAMBDA_NAMES)}"
+            )
+        if not isinstance(model, CTRNN):
+            raise TypeError(f"model must be a CTRNN (or a subclass), got {type(model).__name__}")
+        values = (lambda_mse, lambda_in, lambda_hid, lambda_out, lambda_fr, lambda_fr_sd, lambda_fr_cv)
+        for name, value in zip(LAMBDA_NAMES, values):
+            _check_lambda(name, value)
+        self.model = model
+        self.component_names = list(COMPONENT_NAMES)
+        self.n_hid = model.n_hid
+        on = tuple(float(v) > 0.0 for v in values)
+        self._on = on  # type: ignore[assignment]
+        self._need_means = on[5] or on[6]
+        self._need_states = on[4] or self._need_means
+        self.register_buffer("lambdas", torch.tensor([float(v) for v in values], dtype=torch.float32))
+
+    @property
+    def active(self) -> List[str]:
+        """Names of the components computed by this loss (fixed at construction)."""
+        return [name for name, on in zip(COMPONENT_NAMES, self._on) if on]
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{n}={float(v):g}" for n, v in zip(LAMBDA_NAMES, self.lambdas) if float(v) != 0.0)
+
+    def forward(self, pred: Tensor, label: Tensor, states: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """Return ``(total, components)``; see the class docstring."""
+        check_float_tensor(pred, "pred")
+        check_float_tensor(label, "label")
+        if pred.shape != label.shape:
+            raise ValueError("pred and label must have the same shape, got pred {} and label {}".format(
+                shape_of(pred), shape_of(label)))
+        if label.device != pred.device:
+            raise ValueError("label must be on pred's device {}, got {}".format(str(pred.device), str(label.device)))
+        if states is not None:
+            check_float_tensor(states, "states")
+            if states.device != pred.device:
+                raise ValueError("states must be on pred's device {}, got {}".format(
+                    str(pred.device), str(states.device)))
+            if states.dim() == 0 or states.size(-1) != self.n_hid:
+                raise ValueError("states must have N_hid={} as its last dimension, got shape {}".format(
+                    self.n_hid, shape_of(states)))
+        elif self._need_states:
+            raise ValueError("states is required when lambda_fr, lambda_fr_sd or lambda_fr_cv > 0, got None")
+
+        w_in = self.model.recurrent_layer.input_layer.weight
+        w_hid = self.model.recurrent_layer.hidden_layer.weight
+        w_out = self.model.readout_layer.weight
+        if (self._on[1] or self._on[2] or self._on[3]) and w_in.device != pred.device:
+            raise ValueError("pred must be on the model's device {} when a weight penalty is active, got {}".format(
+                str(w_in.device), str(pred.device)))
+        dtype = torch.promote_types(torch.promote_types(accumulation_dtype(pred), accumulation_dtype(label)),
+                                    accumulation_dtype(w_in))
+        if states is not None:
+            dtype = torch.promote_types(dtype, accumulation_dtype(states))
+        zero = torch.zeros((), dtype=dtype, device=pred.device)
+        mse, c_in, c_hid, c_out, fr, fr_sd, fr_cv = zero, zero, zero, zero, zero, zero, zero
+        if self._on[0]:
+            mse = mean_squared_error(pred, label).to(dtype)
+        if self._on[1]:
+            c_in = mean_square(w_in).to(dtype)
+        if self._on[2]:
+            c_hid = mean_square(w_hid).to(dtype)
+        if self._on[3]:
+            c_out = mean_square(w_out).to(dtype)
+        if states is not None:
+            if self._on[4]:
+                fr = mean_square(states).to(dtype)
+            if self._need_means:
+                sd, cv = rate_sd_cv(neuron_mean_rates(states))
+                if self._on[5]:
+                    fr_sd = sd.to(dtype)
+                if self._on[6]:
+                    fr_cv = cv.to(dtype)
+        raw = torch.stack([mse, c_in, c_hid, c_out, fr, fr_sd, fr_cv])
+        components = raw * self.lambdas.to(device=raw.device, dtype=dtype)
+        return components.sum(), components
+
+
+def _check_lambda(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be finite and >= 0, got {value!r}")

@@ -1,0 +1,79 @@
+"""Independent float64 references, written out from DESIGN.md §2 and §4 with NumPy and math.fsum.
+
+Nothing here imports rnnloss: these are the formulas as stated, not the package's code.
+"""
+import math
+
+import numpy as np
+
+NAMES = ("mse", "in", "hid", "out", "fr", "fr_sd", "fr_cv")
+
+
+def f64(t):
+    return np.asarray(t.detach().cpu().double().numpy() if hasattr(t, "detach") else t, dtype=np.float64)
+
+
+def mean_of_squares(a):
+    a = f64(a).ravel()
+    return math.fsum(float(v) * float(v) for v in a) / a.size
+
+
+def loss_components(pred, label, states, w_in, w_hid, w_out, lambdas):
+    """The seven λ-weighted components as a list of Python floats."""
+    p, y = f64(pred), f64(label)
+    assert p.shape == y.shape
+    w_in, w_hid, w_out = f64(w_in), f64(w_hid), f64(w_out)
+    n_hid, n_in = w_in.shape
+    n_out = w_out.shape[0]
+    raw = [0.0] * 7
+    raw[0] = math.fsum(((p - y) ** 2).ravel()) / p.size
+    raw[1] = math.fsum((w_in ** 2).ravel()) / (n_in * n_hid)
+    raw[2] = math.fsum((w_hid ** 2).ravel()) / (n_hid * n_hid)
+    raw[3] = math.fsum((w_out ** 2).ravel()) / (n_out * n_hid)
+    if states is not None:
+        r = f64(states).reshape(-1, n_hid)
+        m = r.shape[0]
+        raw[4] = math.fsum((r ** 2).ravel()) / r.size
+        rbar = [math.fsum(r[:, i]) / m for i in range(n_hid)]
+        mu = math.fsum(r.ravel()) / r.size  # the mean of all rates
+        sigma = math.sqrt(math.fsum((x - mu) ** 2 for x in rbar) / n_hid)
+        raw[5] = sigma
+        if sigma == 0.0:
+            raw[6] = 0.0
+        elif mu == 0.0:
+            raw[6] = math.inf
+        else:
+            raw[6] = sigma / mu
+    lam = [float(v) for v in lambdas]
+    return [l * v if l != 0.0 else 0.0 for l, v in zip(lam, raw)]
+
+
+def activation(name, v):
+    if name == "relu":
+        return np.maximum(v, 0.0)
+    if name == "tanh":
+        return np.tanh(v)
+    if name == "sigmoid":
+        return 1.0 / (1.0 + np.exp(-v))
+    if name == "softplus":
+        return np.log1p(np.exp(v))
+    if name == "retanh":
+        return np.maximum(np.tanh(v), 0.0)
+    raise ValueError(name)
+
+
+def ctrnn_run(x, w_in, b_in, w_hid, b_hid, w_out, b_out, alpha, act, v0=None):
+    """Step-by-step §4 dynamics, time first: x (T, B, N_in) -> output (T, B, N_out), states (T, B, N_hid)."""
+    x = f64(x)
+    w_in, w_hid, w_out = f64(w_in), f64(w_hid), f64(w_out)
+    b_in, b_hid, b_out = (np.zeros(w.shape[0]) if b is None else f64(b) for b, w in ((b_in, w_in), (b_hid, w_hid), (b_out, w_out)))
+    steps, batch = x.shape[:2]
+    v = np.zeros((batch, w_hid.shape[0])) if v0 is None else f64(v0)
+    r = activation(act, v)
+    states, outputs = [], []
+    for t in range(steps):
+        v = (1 - alpha) * v + alpha * (r @ w_hid.T + b_hid + x[t] @ w_in.T + b_in)
+        r = activation(act, v)
+        states.append(r)
+        outputs.append(r @ w_out.T + b_out)
+    return np.stack(outputs), np.stack(states)

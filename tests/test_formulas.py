@@ -1,0 +1,132 @@
+"""Each component against the float64 reference of DESIGN.md §2, plus hand-worked cases."""
+import math
+import random
+
+import pytest
+import torch
+
+from conftest import ALL_ON, ALL_SUBSETS, lambdas_for, make_inputs, make_model
+from reference import loss_components
+from rnnloss import RNNLoss
+
+# (time, batch, N_in, N_hid, N_out): includes B = T = 1 and N_hid = 1.
+SHAPES = [(5, 3, 3, 8, 2), (1, 1, 1, 1, 1), (1, 1, 2, 4, 3), (7, 2, 4, 1, 2), (3, 4, 2, 5, 1)]
+
+
+def reference_for(loss, pred, label, states):
+    m = loss.model
+    return loss_components(pred, label, states, m.recurrent_layer.input_layer.weight,
+                           m.recurrent_layer.hidden_layer.weight, m.readout_layer.weight, loss.lambdas)
+
+
+def assert_matches_reference(loss, pred, label, states, rtol):
+    total, comps = loss(pred, label, states)
+    ref = reference_for(loss, pred, label, states)
+    assert comps.shape == (7,)
+    torch.testing.assert_close(comps.double(), torch.tensor(ref, dtype=torch.float64), rtol=rtol, atol=0.0)
+    assert total.dim() == 0
+    assert float(total.detach()) == pytest.approx(math.fsum(ref), rel=rtol, abs=0.0)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}B{}in{}hid{}out{}".format(*s))
+@pytest.mark.parametrize("active", [(i,) for i in range(7)] + [tuple(range(7))],
+                         ids=lambda a: "+".join(("mse", "in", "hid", "out", "fr", "fr_sd", "fr_cv")[i] for i in a))
+def test_float64_component_equals_reference_to_1e10(shape, active):
+    # float64 against the float64 formulas: rtol 1e-10 (DESIGN §6), only summation order differs.
+    t, b, n_in, n_hid, n_out = shape
+    model = make_model((n_in, n_hid, n_out), dtype=torch.float64)
+    loss = RNNLoss(model, **lambdas_for(active))
+    assert_matches_reference(loss, *make_inputs(model, t, b), rtol=1e-10)
+
+
+@pytest.mark.parametrize("active", random.Random(7).sample(ALL_SUBSETS, 24), ids=str)
+def test_random_subset_of_components_equals_reference(active):
+    model = make_model((2, 6, 3), dtype=torch.float64, seed=len(active))
+    loss = RNNLoss(model, **lambdas_for(active))
+    assert_matches_reference(loss, *make_inputs(model, 4, 3, seed=sum(active)), rtol=1e-10)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}B{}in{}hid{}out{}".format(*s))
+def test_float32_within_1e5_of_float64_reference(shape):
+    # §2 accuracy: float32 results within 1e-5 relative of the float64 value of the formulas.
+    t, b, n_in, n_hid, n_out = shape
+    model = make_model((n_in, n_hid, n_out))
+    loss = RNNLoss(model, **ALL_ON)
+    assert_matches_reference(loss, *make_inputs(model, t, b), rtol=1e-5)
+
+
+def _set_weights(model, w_in, w_hid, w_out):
+    with torch.no_grad():
+        model.recurrent_layer.input_layer.weight.copy_(torch.tensor(w_in))
+        model.recurrent_layer.hidden_layer.weight.copy_(torch.tensor(w_hid))
+        model.readout_layer.weight.copy_(torch.tensor(w_out))
+
+
+def test_hand_worked_all_components_with_unit_lambdas():
+    model = make_model((1, 2, 1), dtype=torch.float64)
+    # ||W_in||² = 1 + 4 = 5, / (N_in·N_hid = 2) = 2.5
+    # ||W_hid||² = 1 + 1 = 2, / N_hid² = 4 -> 0.5
+    # ||W_out||² = 9 + 16 = 25, / (N_out·N_hid = 2) = 12.5
+    _set_weights(model, [[1.0], [2.0]], [[1.0, 0.0], [0.0, -1.0]], [[3.0, 4.0]])
+    loss = RNNLoss(model, **{k: 1.0 for k in ALL_ON})
+    pred = torch.tensor([[[1.0]], [[3.0]]], dtype=torch.float64)   # (T=2, B=1, N_out=1)
+    label = torch.tensor([[[0.0]], [[1.0]]], dtype=torch.float64)  # errors 1, 2 -> (1 + 4) / 2 = 2.5
+    # rates (T=2, B=1, N_hid=2): r² = 1, 9, 9, 25 -> 44 / 4 = 11
+    # neuron means 2 and 4, mu = 3, sigma = sqrt(((2-3)² + (4-3)²) / 2) = 1, CV = 1/3
+    states = torch.tensor([[[1.0, 3.0]], [[3.0, 5.0]]], dtype=torch.float64)
+    total, comps = loss(pred, label, states)
+    expected = [2.5, 2.5, 0.5, 12.5, 11.0, 1.0, 1.0 / 3.0]
+    assert comps.tolist() == pytest.approx(expected, rel=1e-12)
+    assert float(total) == pytest.approx(sum(expected), rel=1e-12)
+
+
+def test_hand_worked_lambdas_scale_and_population_sd():
+    model = make_model((1, 3, 1), dtype=torch.float64)
+    loss = RNNLoss(model, lambda_mse=2.0, lambda_fr_sd=0.5, lambda_fr_cv=3.0)
+    label = torch.zeros(1, 2, 1, dtype=torch.float64)
+    pred = label + 1.0  # every error 1 -> mse 1, times lambda 2 = 2
+    # (T=1, B=2, N_hid=3): neuron means (0+0)/2 = 0, (0+2)/2 = 1, (6+4)/2 = 5; mu = 6/3 = 2
+    # deviations -2, -1, 3 -> (4 + 1 + 9) / 3 = 14/3 (population: divide by N_hid = 3)
+    states = torch.tensor([[[0.0, 0.0, 6.0], [0.0, 2.0, 4.0]]], dtype=torch.float64)
+    sigma = math.sqrt(14.0 / 3.0)
+    total, comps = loss(pred, label, states)
+    expected = [2.0, 0.0, 0.0, 0.0, 0.0, 0.5 * sigma, 3.0 * sigma / 2.0]
+    assert comps.tolist() == pytest.approx(expected, rel=1e-12)
+    assert float(total) == pytest.approx(2.0 + 2.0 * sigma, rel=1e-12)
+
+
+def test_fr_is_mean_of_squares_not_square_of_mean():
+    model = make_model((1, 2, 1), dtype=torch.float64)
+    loss = RNNLoss(model, lambda_mse=0.0, lambda_fr=1.0)
+    states = torch.tensor([[[1.0, -1.0]]], dtype=torch.float64)  # mean 0, mean of squares 1
+    _, comps = loss(torch.zeros(1, 1, 1, dtype=torch.float64), torch.zeros(1, 1, 1, dtype=torch.float64), states)
+    assert comps[4].item() == 1.0
+
+
+@pytest.mark.parametrize("layout", ["time_first", "batch_first", "flat_samples"])
+def test_states_leading_dims_are_all_samples(layout):
+    model = make_model((2, 5, 2), dtype=torch.float64)
+    loss = RNNLoss(model, lambda_fr=1.0, lambda_fr_sd=1.0, lambda_fr_cv=1.0)
+    pred, label, states = make_inputs(model, 6, 3)
+    reshaped = {"time_first": states, "batch_first": states.transpose(0, 1),
+                "flat_samples": states.reshape(-1, 5)}[layout]
+    torch.testing.assert_close(loss(pred, label, reshaped)[1], loss(pred, label, states)[1], rtol=1e-12, atol=0)
+
+
+@pytest.mark.slow
+def test_float32_accuracy_at_ten_million_elements():
+    # §2: float32 within 1e-5 relative of float64 for up to 10^7 elements (summation order).
+    torch.manual_seed(0)
+    model = make_model((3, 512, 2))
+    loss = RNNLoss(model, lambda_mse=1.0, lambda_fr=1.0, lambda_fr_sd=1.0, lambda_fr_cv=1.0)
+    states = torch.rand(610, 32, 512) * 0.5 + torch.linspace(0.2, 1.0, 512)  # 10.0 M rates
+    pred, label = torch.randn(610, 32, 512), torch.randn(610, 32, 512)
+    with torch.no_grad():
+        _, comps = loss(pred, label, states)
+    # float64 formulas written out with torch's float64 reductions (error ~1e-16 · log n).
+    r = states.double().reshape(-1, 512)
+    rbar = r.mean(0)
+    mu = r.mean()
+    sigma = ((rbar - mu) ** 2).mean().sqrt()
+    ref = torch.stack([((pred.double() - label.double()) ** 2).mean(), (r ** 2).mean(), sigma, sigma / mu])
+    torch.testing.assert_close(comps[[0, 4, 5, 6]].double(), ref, rtol=1e-5, atol=0)

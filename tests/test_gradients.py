@@ -1,0 +1,152 @@
+"""Gradients: gradcheck in float64, inactive components, σ = 0, stability and non-finite inputs."""
+import pytest
+import torch
+from torch.func import functional_call
+
+from conftest import ALL_ON, NAMES, lambdas_for, make_inputs, make_model
+from rnnloss import RNNLoss
+
+W_KEYS = ("model.recurrent_layer.input_layer.weight", "model.recurrent_layer.hidden_layer.weight",
+          "model.readout_layer.weight")
+
+
+@pytest.mark.parametrize("index", range(7), ids=NAMES)
+def test_gradcheck_each_component_wrt_pred_states_and_weights(index):
+    model = make_model((3, 5, 2), dtype=torch.float64)
+    loss = RNNLoss(model, **lambdas_for((index,)))
+    pred, label, states = make_inputs(model, 3, 2)
+    weights = [dict(loss.named_parameters())[k].detach().clone() for k in W_KEYS]
+    inputs = [pred, states, *weights]
+    for t in inputs:
+        t.requires_grad_(True)
+
+    def f(pred, states, w_in, w_hid, w_out):
+        return functional_call(loss, dict(zip(W_KEYS, (w_in, w_hid, w_out))), (pred, label, states))[1][index]
+
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_gradcheck_all_components_together():
+    model = make_model((2, 4, 3), dtype=torch.float64)
+    loss = RNNLoss(model, **ALL_ON)
+    pred, label, states = make_inputs(model, 2, 3)
+    pred.requires_grad_(True)
+    states.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda p, s: loss(p, label, s)[0], (pred, states))
+
+
+@pytest.mark.parametrize("index", range(7), ids=NAMES)
+def test_inactive_component_is_exactly_zero_and_its_input_gets_no_gradient(index):
+    model = make_model()
+    loss = RNNLoss(model, **lambdas_for(tuple(i for i in range(7) if i != index)))
+    pred, label, states = make_inputs(model)
+    pred.requires_grad_(True)
+    total, comps = loss(pred, label, states)
+    assert comps[index].item() == 0.0
+    assert all(comps[i].item() != 0.0 for i in range(7) if i != index)
+    total.backward()
+    weights = {1: model.recurrent_layer.input_layer.weight, 2: model.recurrent_layer.hidden_layer.weight,
+               3: model.readout_layer.weight}
+    for i, w in weights.items():
+        assert (w.grad is None) == (i == index), NAMES[i]
+    assert (pred.grad is None) == (index == 0)
+
+
+def test_mse_only_sends_no_gradient_to_states_or_weights():
+    model = make_model()
+    loss = RNNLoss(model)  # defaults: mse only
+    pred, label, states = make_inputs(model)
+    pred.requires_grad_(True)
+    states.requires_grad_(True)
+    total, comps = loss(pred, label, states)
+    assert comps[1:].eq(0).all()
+    total.backward()
+    assert states.grad is None and pred.grad is not None
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("value", [0.0, 0.7, 1e3], ids=["all_zero", "all_equal", "all_equal_large"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_equal_rates_give_zero_sd_cv_and_finite_gradients(value, dtype):
+    model = make_model((2, 6, 2), dtype=dtype)
+    loss = RNNLoss(model, lambda_fr=1.0, lambda_fr_sd=1.0, lambda_fr_cv=1.0)
+    pred, label, _ = make_inputs(model)
+    states = torch.full((5, 3, 6), value, dtype=dtype, requires_grad=True)
+    total, comps = loss(pred, label, states)
+    total.backward()
+    assert torch.isfinite(states.grad).all()
+    # Equal rates: σ is 0 up to rounding of the neuron means (an ulp of the value), CV likewise.
+    eps = torch.finfo(dtype).eps
+    assert abs(comps[5].item()) <= 4 * eps * max(value, 1.0)
+    assert abs(comps[6].item()) <= 4 * eps
+    if value == 0.0:
+        assert comps[5].item() == 0.0 and comps[6].item() == 0.0
+        assert states.grad.eq(0).all()
+
+
+def test_single_neuron_has_zero_spread():
+    model = make_model((1, 1, 1))
+    loss = RNNLoss(model, lambda_fr_sd=1.0, lambda_fr_cv=1.0)
+    pred, label, states = make_inputs(model)
+    states.requires_grad_(True)
+    total, comps = loss(pred, label, states)
+    total.backward()
+    assert comps[5].item() == 0.0 and comps[6].item() == 0.0
+    assert torch.isfinite(states.grad).all()
+
+
+def test_spread_is_stable_for_large_mean_and_tiny_spread():
+    # Mean rate 1e3, spread ~0.03 across neurons: E[x²] − E[x]² in float32 would be all rounding
+    # noise (1e6 has an ulp of 0.06); deviations from the mean keep σ to a few percent.
+    g = torch.Generator().manual_seed(0)
+    n = 32
+    offsets = torch.linspace(-0.05, 0.05, n, dtype=torch.float64)
+    states64 = 1e3 + offsets + 1e-3 * torch.randn(40, 8, n, generator=g, dtype=torch.float64)
+    model = make_model((1, n, 1))
+    loss = RNNLoss(model, lambda_fr_sd=1.0, lambda_fr_cv=1.0)
+    pred = torch.zeros(2, 2, 1)
+    _, comps = loss(pred, pred, states64.float())
+    rbar = states64.float().double().reshape(-1, n).mean(0)
+    sigma = (rbar - rbar.mean()).pow(2).mean().sqrt().item()
+    assert comps[5].item() == pytest.approx(sigma, rel=0.03)
+    assert comps[6].item() == pytest.approx(sigma / rbar.mean().item(), rel=0.03)
+
+
+def test_zero_mean_with_spread_gives_infinite_cv():
+    model = make_model((1, 2, 1))
+    loss = RNNLoss(model, lambda_fr_sd=1.0, lambda_fr_cv=1.0)
+    states = torch.tensor([[[1.0, -1.0]]])  # neuron means 1 and -1: μ = 0, σ = 1
+    _, comps = loss(torch.zeros(1, 1, 1), torch.zeros(1, 1, 1), states)
+    assert comps[5].item() == 1.0
+    assert comps[6].item() == float("inf")
+
+
+@pytest.mark.parametrize("where", ["pred", "label", "states"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_inputs_propagate_to_every_component_that_reads_them(where, bad):
+    model = make_model()
+    loss = RNNLoss(model, **ALL_ON)
+    inputs = dict(zip(("pred", "label", "states"), make_inputs(model)))
+    inputs[where][1, 0, 0] = bad
+    total, comps = loss(inputs["pred"], inputs["label"], inputs["states"])
+    readers = {"pred": [0], "label": [0], "states": [4, 5, 6]}[where]
+    for i in range(7):
+        assert torch.isfinite(comps[i]).item() == (i not in readers), NAMES[i]
+    assert not torch.isfinite(total)
+    if where == "states":
+        assert torch.isnan(comps[5]) and torch.isnan(comps[6])  # never masked to 0 by the σ = 0 guard
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs_accumulate_and_return_float32(dtype):
+    from reference import loss_components
+    model = make_model((3, 8, 2))
+    loss = RNNLoss(model, **ALL_ON)
+    pred, label, states = make_inputs(model, 9, 4, dtype=dtype)
+    total, comps = loss(pred, label, states)
+    assert total.dtype == torch.float32 and comps.dtype == torch.float32
+    m = model
+    ref = loss_components(pred, label, states, m.recurrent_layer.input_layer.weight,
+                          m.recurrent_layer.hidden_layer.weight, m.readout_layer.weight, loss.lambdas)
+    # The inputs are exactly representable in float32; accumulation in float32 keeps 1e-5.
+    torch.testing.assert_close(comps.detach().double(), torch.tensor(ref, dtype=torch.float64), rtol=1e-5, atol=0)

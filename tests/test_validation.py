@@ -1,0 +1,123 @@
+"""Every misuse in DESIGN.md §3 raises a message naming the argument, expected and given value —
+the same text from the eager and the scripted module."""
+import math
+
+import pytest
+import torch
+
+from conftest import ALL_ON, make_inputs, make_model
+from rnnloss import CTRNN, RNNLoss
+
+
+def test_misspelled_lambda_is_a_type_error_listing_valid_names(model):
+    with pytest.raises(TypeError) as err:
+        RNNLoss(model, lamda_fr=0.1)
+    msg = str(err.value)
+    assert "'lamda_fr'" in msg and "did you mean 'lambda_fr'" in msg
+    assert all(name in msg for name in ("lambda_mse", "lambda_in", "lambda_fr_cv"))
+
+
+@pytest.mark.parametrize("value", [-0.1, math.nan, math.inf, -math.inf])
+def test_negative_or_non_finite_lambda_is_a_value_error(model, value):
+    with pytest.raises(ValueError, match=r"lambda_hid must be finite and >= 0, got"):
+        RNNLoss(model, lambda_hid=value)
+
+
+@pytest.mark.parametrize("value", ["0.1", None, True, torch.tensor(0.1)], ids=["str", "None", "bool", "tensor"])
+def test_non_number_lambda_is_a_type_error(model, value):
+    with pytest.raises(TypeError, match="lambda_fr must be a real number"):
+        RNNLoss(model, lambda_fr=value)
+
+
+@pytest.mark.parametrize("model", [torch.nn.Linear(2, 2), None, "ctrnn"], ids=["Linear", "None", "str"])
+def test_model_that_is_not_a_ctrnn_is_a_type_error(model):
+    with pytest.raises(TypeError, match="model must be a CTRNN"):
+        RNNLoss(model)
+
+
+def test_ctrnn_subclass_is_accepted():
+    class MyRNN(CTRNN):
+        pass
+
+    loss = RNNLoss(MyRNN((1, 4, 1)), lambda_hid=1.0)
+    torch.jit.script(loss)
+
+
+def _inputs():
+    model = make_model((3, 8, 2))
+    pred, label, states = make_inputs(model)
+    return model, pred, label, states
+
+
+BAD_CALLS = {
+    "shape_mismatch": (lambda p, l, s: (p, l[:, :2], s), ValueError,
+                       "pred and label must have the same shape, got pred [5, 3, 2] and label [5, 2, 2]"),
+    "no_broadcast": (lambda p, l, s: (p, l[:1], s), ValueError, "pred and label must have the same shape"),
+    "states_missing": (lambda p, l, s: (p, l, None), ValueError,
+                       "states is required when lambda_fr, lambda_fr_sd or lambda_fr_cv > 0, got None"),
+    "states_wrong_hidden": (lambda p, l, s: (p, l, s[..., :5]), ValueError,
+                            "states must have N_hid=8 as its last dimension, got shape [5, 3, 5]"),
+    "states_scalar": (lambda p, l, s: (p, l, s[0, 0, 0]), ValueError, "states must have N_hid=8"),
+    "pred_int": (lambda p, l, s: (p.long(), l, s), TypeError,
+                 "pred must be a floating-point tensor (float16, bfloat16, float32 or float64), got dtype torch.int64"),
+    "label_bool": (lambda p, l, s: (p, l > 0, s), TypeError, "label must be a floating-point tensor"),
+    "states_int": (lambda p, l, s: (p, l, s.int()), TypeError, "states must be a floating-point tensor"),
+    "pred_empty": (lambda p, l, s: (p[:0], l[:0], s), ValueError, "pred must not be empty, got shape [0, 3, 2]"),
+    "states_empty": (lambda p, l, s: (p, l, s[:, :0]), ValueError, "states must not be empty, got shape [5, 0, 8]"),
+}
+
+
+@pytest.mark.parametrize("scripted", [False, True], ids=["eager", "scripted"])
+@pytest.mark.parametrize("case", list(BAD_CALLS))
+def test_bad_input_raises_the_same_message_eager_and_scripted(case, scripted, tmp_path):
+    from conftest import script_roundtrip
+    make_args, exc, message = BAD_CALLS[case]
+    model, pred, label, states = _inputs()
+    loss = RNNLoss(model, **ALL_ON)
+    if scripted:
+        loss = script_roundtrip(loss, tmp_path)
+        exc = torch.jit.Error  # TorchScript re-raises as torch.jit.Error carrying the same text
+    with pytest.raises(exc) as err:
+        loss(*make_args(pred, label, states))
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("scripted", [False, True], ids=["eager", "scripted"])
+@pytest.mark.parametrize("case", ["wrong_rank", "wrong_inputs", "int", "wrong_dtype", "init_state"])
+def test_model_bad_input_raises_eager_and_scripted(case, scripted, tmp_path):
+    from conftest import script_roundtrip
+    model = make_model((3, 8, 2))
+    x = torch.randn(4, 2, 3)
+    args, exc, message = {
+        "wrong_rank": ((x[0],), ValueError, "x must have shape (T, B, N_in) with N_in=3, got shape [2, 3]"),
+        "wrong_inputs": ((x[..., :2],), ValueError, "with N_in=3, got shape [4, 2, 2]"),
+        "int": ((x.long(),), TypeError, "x must be a floating-point tensor"),
+        "wrong_dtype": ((x.double(),), TypeError, "x must have the model's dtype torch.float32, got dtype torch.float64"),
+        "init_state": ((x, torch.zeros(2, 7)), ValueError, "init_state must have shape [B, N_hid] = [2, 8], got shape [2, 7]"),
+    }[case]
+    if scripted:
+        model = script_roundtrip(model, tmp_path)
+        exc = torch.jit.Error
+    with pytest.raises(exc) as err:
+        model(*args)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("kwargs, exc, message", [
+    (dict(dims=(3, 0, 2)), ValueError, "dims must be a sequence (N_in, N_hid, N_out) of three positive ints"),
+    (dict(dims=(3, 2)), ValueError, "dims must be"),
+    (dict(dims=(3, 8, 2), tau=0.0), ValueError, "tau must be a finite number > 0, got 0.0"),
+    (dict(dims=(3, 8, 2), dt=200.0), ValueError, "dt must not exceed tau"),
+    (dict(dims=(3, 8, 2), activation="gelu"), ValueError, "activation must be one of"),
+    (dict(dims=(3, 8, 2), preact_noise=-1.0), ValueError, "preact_noise must be a finite number >= 0"),
+    (dict(dims=(3, 8, 2), weights="xavier"), ValueError, "weights for the input layer must be one of"),
+    (dict(dims=(3, 8, 2), sparsity_masks=(None, torch.ones(8, 7), None)), ValueError,
+     "sparsity_masks for the hidden layer must have shape [8, 8], got [8, 7]"),
+    (dict(dims=(3, 8, 2), ei_masks=(None, torch.full((8,), 2.0), None)), ValueError,
+     "ei_masks for the hidden layer must hold only +1, -1 and 0"),
+])
+def test_ctrnn_constructor_rejects_bad_arguments(kwargs, exc, message):
+    dims = kwargs.pop("dims")
+    with pytest.raises(exc) as err:
+        CTRNN(dims, **kwargs)
+    assert message in str(err.value)
