@@ -77,7 +77,7 @@ def test_hand_worked_all_components_with_unit_lambdas():
     total, comps = loss(pred, label, states)
     expected = [2.5, 2.5, 0.5, 12.5, 11.0, 1.0, 1.0 / 3.0]
     assert comps.tolist() == pytest.approx(expected, rel=1e-12)
-    assert float(total) == pytest.approx(sum(expected), rel=1e-12)
+    assert total.item() == pytest.approx(sum(expected), rel=1e-12)
 
 
 def test_hand_worked_lambdas_scale_and_population_sd():
@@ -92,7 +92,7 @@ def test_hand_worked_lambdas_scale_and_population_sd():
     total, comps = loss(pred, label, states)
     expected = [2.0, 0.0, 0.0, 0.0, 0.0, 0.5 * sigma, 3.0 * sigma / 2.0]
     assert comps.tolist() == pytest.approx(expected, rel=1e-12)
-    assert float(total) == pytest.approx(2.0 + 2.0 * sigma, rel=1e-12)
+    assert total.item() == pytest.approx(2.0 + 2.0 * sigma, rel=1e-12)
 
 
 def test_fr_is_mean_of_squares_not_square_of_mean():

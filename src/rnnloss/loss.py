@@ -157,6 +157,27 @@ class RNNLoss(nn.Module):
         """Names of the components computed by this loss (fixed at construction)."""
         return [name for name, on in zip(COMPONENT_NAMES, self._on) if on]
 
+    @torch.jit.export
+    def set_lambda(self, name: str, value: float) -> None:
+        """Change an active component's λ at run time (annealing), from Python or C++.
+
+        ``name`` is one of :attr:`component_names`; ``value`` must be finite and >= 0. Setting a
+        component that was inactive at construction raises: it is not in the graph.
+        """
+        index = -1
+        for i in range(len(self.component_names)):
+            if self.component_names[i] == name:
+                index = i
+        if index < 0:
+            raise ValueError("set_lambda: name must be one of {}, got '{}'".format(self.component_names, name))
+        if not math.isfinite(value) or value < 0.0:
+            raise ValueError("set_lambda: value for '{}' must be finite and >= 0, got {}".format(name, value))
+        if not self._on[index]:
+            raise ValueError("set_lambda: component '{}' is inactive (its lambda was 0 at construction), "
+                             "so it is never computed; build the loss with a non-zero lambda_{}".format(name, name))
+        with torch.no_grad():
+            self.lambdas[index] = value
+
     def extra_repr(self) -> str:
         return ", ".join(f"{n}={float(v):g}" for n, v in zip(LAMBDA_NAMES, self.lambdas) if float(v) != 0.0)
 

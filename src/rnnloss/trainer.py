@@ -1,0 +1,33 @@
+"""The module ``ctrnn_train.pt`` holds: model + loss in one forward, for training loops in C++."""
+from typing import Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .loss import RNNLoss
+
+
+class CTRNNTrainer(nn.Module):
+    """``forward(x, target) -> (total, components, output, states)`` of ``loss.model`` and ``loss``.
+
+    It holds only the loss (which holds the model), so ``parameters()`` are exactly the model's,
+    each once — hand them to any optimizer. ``enforce_constraints()`` and ``set_lambda(name, value)``
+    are exported for scripted (C++) loops; the λ buffer is ``loss.lambdas``.
+    """
+
+    def __init__(self, loss: RNNLoss) -> None:
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, x: Tensor, target: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        output, states = self.loss.model(x)
+        total, components = self.loss(output, target, states)
+        return total, components, output, states
+
+    @torch.jit.export
+    def enforce_constraints(self) -> None:
+        self.loss.model.enforce_constraints()
+
+    @torch.jit.export
+    def set_lambda(self, name: str, value: float) -> None:
+        self.loss.set_lambda(name, value)

@@ -1,0 +1,117 @@
+"""The export command and its artifacts (DESIGN.md §5), on a small config exported once."""
+import hashlib
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from rnnloss import CTRNN, RNNLoss, export, parity
+from rnnloss.config import validate
+
+SMALL = {"model": {"dims": [3, 16, 2]}, "example": {"time": 6, "batch": 3}}
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "artifacts"
+    status = export.run(validate(SMALL), out, force=False, device="cpu")
+    assert status == 0
+    return out
+
+
+def test_export_writes_exactly_the_five_artifacts(artifacts):
+    assert sorted(p.name for p in artifacts.iterdir()) == sorted(export.ARTIFACTS)
+
+
+def test_manifest_describes_the_artifacts(artifacts):
+    m = json.loads((artifacts / "manifest.json").read_text())
+    assert m["component_names"] == ["mse", "in", "hid", "out", "fr", "fr_sd", "fr_cv"]
+    assert m["lambdas"]["fr_sd"] == 0.01 and m["dims"] == {"n_in": 3, "n_hid": 16, "n_out": 2}
+    assert m["inputs"]["states"] == ["time", "batch", 16] and m["outputs"]["components"] == [7]
+    assert m["versions"]["torch"] == torch.__version__ and m["versions"]["onnxruntime"] == ort.__version__
+    for name, digest in m["sha256"].items():
+        assert hashlib.sha256((artifacts / name).read_bytes()).hexdigest() == digest
+    assert m["parity"] and all(row["passed"] for row in m["parity"])
+    assert isinstance(m["opset"], int)
+
+
+def test_onnx_graph_is_self_contained_checked_and_named(artifacts):
+    proto = onnx.load(str(artifacts / "rnn_loss.onnx"))
+    onnx.checker.check_model(proto, full_check=True)
+    assert [i.name for i in proto.graph.input] == ["pred", "label", "states"]
+    assert [o.name for o in proto.graph.output] == ["total", "components"]
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input}
+    assert dims == {"pred": ["time", "batch", 2], "label": ["time", "batch", 2], "states": ["time", "batch", 16]}
+    assert all(t.data_location != onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+    assert sorted(p.name for p in artifacts.iterdir() if p.suffix not in (".pt", ".onnx", ".pt2", ".json")) == []
+
+
+def test_onnx_runtime_refuses_states_with_the_wrong_hidden_size(artifacts):
+    session = ort.InferenceSession(str(artifacts / "rnn_loss.onnx"), providers=["CPUExecutionProvider"])
+    feeds = {"pred": np.zeros((4, 2, 2), np.float32), "label": np.zeros((4, 2, 2), np.float32),
+             "states": np.ones((4, 2, 15), np.float32)}
+    with pytest.raises(Exception, match="states"):
+        session.run(None, feeds)
+
+
+def test_train_module_trains_with_a_python_optimizer_and_anneals(artifacts):
+    train = torch.jit.load(str(artifacts / "ctrnn_train.pt"))
+    names = [n for n, _ in train.named_parameters()]
+    assert names == ["loss.model." + k for k in ("recurrent_layer.input_layer.weight", "recurrent_layer.input_layer.bias",
+                                                 "recurrent_layer.hidden_layer.weight", "recurrent_layer.hidden_layer.bias",
+                                                 "readout_layer.weight", "readout_layer.bias")]
+    torch.manual_seed(0)
+    x = torch.randn(20, 8, 3)
+    target = torch.sin(torch.linspace(0, 3, 20)).reshape(20, 1, 1).expand(20, 8, 2).contiguous()
+    opt = torch.optim.Adam(train.parameters(), lr=2e-2)
+    first = train(x, target)[1][0].item()
+    for _ in range(60):
+        total, comps, output, states = train(x, target)
+        opt.zero_grad()
+        total.backward()
+        opt.step()
+        train.enforce_constraints()
+    assert output.shape == (20, 8, 2) and states.shape == (20, 8, 16)
+    assert train(x, target)[1][0].item() < 0.5 * first
+    train.set_lambda("fr_sd", 0.0)
+    assert train(x, target)[1][5].item() == 0.0 and train.loss.lambdas[5].item() == 0.0
+    train.loss.lambdas[5] = 2.0  # the buffer itself works too
+    assert train(x, target)[1][5].item() > 0.0
+
+
+def test_two_exports_of_one_config_compute_the_same(tmp_path, artifacts):
+    second = tmp_path / "again"
+    assert export.run(validate(SMALL), second, force=False, device="cpu") == 0
+    inputs = export.sample_inputs(export.build(validate(SMALL)), 5, 2, seed=9)
+    for name in ("rnn_loss.pt",):
+        a, b = torch.jit.load(str(artifacts / name)), torch.jit.load(str(second / name))
+        assert torch.equal(a(*inputs)[1], b(*inputs)[1])
+    feeds = {k: v.numpy() for k, v in zip(("pred", "label", "states"), inputs)}
+    outs = [ort.InferenceSession(str(d / "rnn_loss.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)
+            for d in (artifacts, second)]
+    assert np.array_equal(outs[0][1], outs[1][1])
+
+
+def test_parity_check_fails_when_the_artifact_differs_from_eager(artifacts):
+    # The checks can fail: compare the exported graphs with an eager loss whose λ differ.
+    config = validate(SMALL)
+    other = export.build(config)
+    other.lambdas[4] = 0.5
+    rows = parity.check_artifacts(artifacts, other, config, ["cpu"])
+    assert {r.artifact for r in rows if not r.passed} == {"rnn_loss.pt", "rnn_loss.pt2", "rnn_loss.onnx", "ctrnn_train.pt"}
+
+
+def test_parity_shapes_differ_from_the_example_and_include_ones():
+    shapes = parity.fresh_shapes(6, 3)
+    assert (6, 3) not in shapes and (1, 1) in shapes
+    assert any(t == 1 and b > 1 for t, b in shapes) and any(b == 1 and t > 1 for t, b in shapes)
+
+
+def test_shipped_default_config_is_the_embedded_default():
+    from pathlib import Path
+    from rnnloss.config import default_config
+    shipped = Path(__file__).resolve().parents[1] / "export" / "configs" / "default.json"
+    assert json.loads(shipped.read_text()) == default_config() == validate({})
