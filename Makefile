@@ -7,6 +7,9 @@ STAMP := $(VENV)/.installed-stamp
 OUT ?= artifacts
 PYTEST_ARGS ?=
 
+BUILD ?= build
+STEPS ?= 300
+
 .PHONY: all venv test export cpp bench gpu-check clean
 
 all: test
@@ -26,6 +29,15 @@ test: $(STAMP)
 ## Export every artifact with the embedded default config and print the parity table.
 export: $(STAMP)
 	$(PY) export/export.py --out $(OUT) --force
+
+$(OUT)/ctrnn_train.pt: | $(STAMP)
+	$(PY) export/export.py --out $(OUT) --force
+
+## Build the C++ programs against the installed torch's libtorch and train on the CPU.
+cpp: $(STAMP) $(OUT)/ctrnn_train.pt
+	cmake -S cpp -B $(BUILD) -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')"
+	cmake --build $(BUILD) -j2
+	$(BUILD)/train_ctrnn $(OUT) --steps $(STEPS) --device cpu --out $(OUT)/ctrnn_trained.pt
 
 clean:
 	rm -rf build $(OUT) .pytest_cache

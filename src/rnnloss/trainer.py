@@ -1,5 +1,5 @@
 """The module ``ctrnn_train.pt`` holds: model + loss in one forward, for training loops in C++."""
-from typing import Tuple
+from typing import List, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +27,16 @@ class CTRNNTrainer(nn.Module):
     @torch.jit.export
     def enforce_constraints(self) -> None:
         self.loss.model.enforce_constraints()
+
+    @torch.jit.export
+    def dims(self) -> List[int]:
+        """[N_in, N_hid, N_out] of the model, for C++ code that builds inputs."""
+        return [self.loss.model.n_in, self.loss.model.n_hid, self.loss.model.n_out]
+
+    @torch.jit.export
+    def is_batch_first(self) -> bool:
+        """True when x, target, output and states are (B, T, ·) rather than (T, B, ·)."""
+        return self.loss.model.batch_first
 
     @torch.jit.export
     def set_lambda(self, name: str, value: float) -> None:
