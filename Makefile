@@ -41,3 +41,13 @@ cpp: $(STAMP) $(OUT)/ctrnn_train.pt
 
 clean:
 	rm -rf build $(OUT) .pytest_cache
+
+## Benchmarks: ratios against the memory floor and a naive transcription, measured in one run.
+bench: $(STAMP)
+	$(PY) bench/bench_loss.py --device cpu
+
+## Every GPU check in one go (CUDA tests, C++ CUDA training, GPU benchmarks, CUDA export parity),
+## with whatever python3 and torch this machine has; writes $(REPORT)/.
+REPORT ?= gpu-report
+gpu-check:
+	bash bench/gpu_check.sh $(REPORT)

@@ -150,3 +150,21 @@ def test_half_precision_inputs_accumulate_and_return_float32(dtype):
                           m.recurrent_layer.hidden_layer.weight, m.readout_layer.weight, loss.lambdas)
     # The inputs are exactly representable in float32; accumulation in float32 keeps 1e-5.
     torch.testing.assert_close(comps.detach().double(), torch.tensor(ref, dtype=torch.float64), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_chunked_mean_square_matches_the_formula_and_its_gradient(layout):
+    # 300·40·64 = 768k rates: several chunks of the value loop; the gradient comes from the surrogate.
+    model = make_model((1, 64, 1), dtype=torch.float64)
+    loss = RNNLoss(model, lambda_mse=0.0, lambda_fr=0.5)
+    g = torch.Generator().manual_seed(3)
+    base = torch.rand(300, 40, 64, generator=g, dtype=torch.float64)
+    states = (base if layout == "contiguous" else base.transpose(0, 1)).requires_grad_(True)
+    zeros = torch.zeros(1, 1, 1, dtype=torch.float64)
+    total, comps = loss(zeros, zeros, states)
+    total.backward()
+    n = states.numel()
+    assert comps[4].item() == pytest.approx(0.5 * (base ** 2).sum().item() / n, rel=1e-12)
+    torch.testing.assert_close(states.grad, 0.5 * 2 * states.detach() / n, rtol=1e-12, atol=0)
+    with torch.no_grad():
+        assert loss(zeros, zeros, states)[1][4].item() == comps[4].item()  # no-grad value identical

@@ -19,17 +19,51 @@ LAMBDA_NAMES: Tuple[str, ...] = tuple("lambda_" + name for name in COMPONENT_NAM
 LAMBDA_DEFAULTS = {"lambda_mse": 1.0, **{name: 0.0 for name in LAMBDA_NAMES[1:]}}
 
 
+def _tracing() -> bool:
+    """True while torch.export (and so the ONNX exporter) traces: no data-dependent loops there."""
+    if torch.jit.is_scripting():
+        return False
+    return torch.compiler.is_compiling()
+
+
 def mean_square(x: Tensor) -> Tensor:
     r"""Mean of squares over every element: :math:`\frac{1}{n}\sum_k x_k^2`.
 
-    Used for the MSE (``x = pred − label`` is formed inside), the weight penalties
-    (:math:`\|W\|_F^2 / (\text{rows}\cdot\text{cols})`) and ``fr`` (the mean of r², not the
-    square of the mean). Written as ``mse_loss(x, 0)`` so that forward is one fused pass with an
-    exact (cascade) summation and backward one fused ``2x/n`` kernel: no extra full-size
-    temporaries kept for autograd. float16/bfloat16 are first widened to float32.
+    Used for the weight penalties (:math:`\|W\|_F^2 / (\text{rows}\cdot\text{cols})`) and for
+    ``fr`` (the mean of r², not the square of the mean). float16/bfloat16 accumulate in float32.
+
+    For large ``x`` (the rates) the obvious ``x.square().mean()`` materialises a full-size
+    temporary (fresh pages on the CPU) and its backward two more. Here instead:
+
+    - the value is summed chunk by chunk along dim 0, one ``dot(chunk, chunk)`` per ~2^18
+      elements (no temporary; float32 error ~1e-8 per chunk), the chunk sums added in float64;
+    - the gradient :math:`2x/n` comes from a surrogate ``s = (2/n)·dot(x, x.detach())`` added as
+      ``s − s.detach()`` — exactly 0 in value (for finite s) and exactly :math:`2x/n` in
+      gradient, one fused pass backward. It is built only when a gradient is wanted.
+
+    Under torch.export / ONNX export (no data-dependent loops) the plain expression is used; the
+    parity suite checks that both give the same numbers.
     """
-    x = x.to(accumulation_dtype(x))
-    return F.mse_loss(x, x.new_zeros(()).expand(x.shape))
+    acc = accumulation_dtype(x)
+    n = x.numel()
+    if _tracing() or x.dim() == 0:
+        xa = x.to(acc)
+        return (xa * xa).mean()
+    # Chunks of about 2^18 elements: one BLAS dot each (no temporary at all), and short enough that
+    # its float32 accumulation stays exact to ~1e-8 relative; the chunk sums are added in float64.
+    rows = max(1, 262144 // max(1, n // x.size(0)))
+    xd = x.detach()
+    parts: List[Tensor] = []
+    for start in range(0, x.size(0), rows):
+        chunk = xd.narrow(0, start, min(rows, x.size(0) - start)).reshape(-1).to(acc)
+        parts.append(torch.dot(chunk, chunk))
+    total = torch.stack(parts).to(torch.float64).sum()
+    value = (total / n).to(acc)
+    if torch.is_grad_enabled() and x.requires_grad:
+        flat = x.reshape(-1).to(acc)
+        surrogate = torch.dot(flat, flat.detach()) * (2.0 / n)
+        value = value + (surrogate - surrogate.detach())
+    return value
 
 
 def mean_squared_error(pred: Tensor, label: Tensor) -> Tensor:
@@ -45,7 +79,9 @@ def neuron_mean_rates(states: Tensor) -> Tensor:
     over the sample axis; its backward is a broadcast view, not a materialised tensor.
     """
     r = states.to(accumulation_dtype(states))
-    return r.reshape(-1, r.size(-1)).mean(dim=0)
+    r2 = r.reshape(-1, r.size(-1))
+    # sum, then divide the N-vector: mean's backward would divide a full-size broadcast instead.
+    return r2.sum(dim=0) / r2.size(0)
 
 
 def rate_sd_cv(mean_rates: Tensor) -> Tuple[Tensor, Tensor]:
@@ -222,14 +258,16 @@ class RNNLoss(nn.Module):
         if self._on[3]:
             c_out = mean_square(w_out).to(dtype)
         if states is not None:
-            if self._on[4]:
-                fr = mean_square(states).to(dtype)
+            # The spread first, fr second: autograd runs later ops' backward first, so fr's dense
+            # gradient arrives first and the spread's broadcast gradient is added into it in place.
             if self._need_means:
                 sd, cv = rate_sd_cv(neuron_mean_rates(states))
                 if self._on[5]:
                     fr_sd = sd.to(dtype)
                 if self._on[6]:
                     fr_cv = cv.to(dtype)
+            if self._on[4]:
+                fr = mean_square(states).to(dtype)
         raw = torch.stack([mse, c_in, c_hid, c_out, fr, fr_sd, fr_cv])
         components = raw * self.lambdas.to(device=raw.device, dtype=dtype)
         return components.sum(), components

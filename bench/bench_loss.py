@@ -1,0 +1,210 @@
+#!/usr/bin/env python3
+"""Benchmark RNNLoss against the memory floor and a naive transcription, side by side.
+
+Prints medians of interleaved runs (every variant once per round, rounds repeated) and the
+ratios ours/floor and naive/ours, for eager, the scripted module and ONNX Runtime (forward);
+then a training step (CTRNN forward + loss + backward), eager vs scripted. Also checks, at full
+size, that every formulation agrees with float64. Usage:
+
+    python bench/bench_loss.py [--device cpu|cuda] [--rounds N] [--sizes T,B,N ...]
+"""
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from rnnloss import CTRNN, RNNLoss  # noqa: E402
+
+ALL_ON = dict(lambda_mse=1.0, lambda_in=1e-3, lambda_hid=1e-3, lambda_out=1e-3,
+              lambda_fr=1e-2, lambda_fr_sd=1e-2, lambda_fr_cv=1e-2)
+
+
+def naive_loss(model, pred, label, states, lam):
+    """The obvious transcription: every component on its own."""
+    w_in = model.recurrent_layer.input_layer.weight
+    w_hid = model.recurrent_layer.hidden_layer.weight
+    w_out = model.readout_layer.weight
+    n_hid = states.shape[-1]
+    mse = (pred - label).square().mean()
+    c_in = torch.norm(w_in) ** 2 / w_in.numel()
+    c_hid = torch.norm(w_hid) ** 2 / w_hid.numel()
+    c_out = torch.norm(w_out) ** 2 / w_out.numel()
+    fr = states.square().mean()
+    rbar = states.mean(dim=(0, 1))
+    mu = states.mean()
+    sd = torch.sqrt(((rbar - mu) ** 2).sum() / n_hid)
+    cv = sd / mu
+    comps = torch.stack([mse, c_in, c_hid, c_out, fr, sd, cv]) * lam
+    return comps.sum(), comps
+
+
+def floor(pred, label, states):
+    """One read pass over the inputs: the least any loss over them can cost."""
+    return pred.sum() + label.sum() + states.sum()
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def interleaved(fns, rounds, device, inner=1):
+    """Median seconds per call of each fn, measured in interleaved rounds."""
+    times = {k: [] for k in fns}
+    for fn in fns.values():  # warm-up
+        fn()
+    sync(device)
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            sync(device)
+            times[name].append((time.perf_counter() - t0) / inner)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def fmt(seconds):
+    return f"{seconds * 1e3:9.3f} ms" if seconds >= 1e-3 else f"{seconds * 1e6:9.1f} µs"
+
+
+def bench_loss(t, b, n, device, rounds):
+    torch.manual_seed(0)
+    model = CTRNN((3, n, 2)).to(device)
+    loss = RNNLoss(model, **ALL_ON).eval()
+    scripted = torch.jit.script(loss)
+    lam = loss.lambdas
+    pred = torch.randn(t, b, 2, device=device)
+    label = torch.randn(t, b, 2, device=device)
+    states = torch.rand(t, b, n, device=device)
+    states_g = states.clone().requires_grad_(True)
+    pred_g = pred.clone().requires_grad_(True)
+
+    def fwd(fn):
+        def run():
+            with torch.no_grad():
+                return fn(pred, label, states)
+        return run
+
+    def fwd_bwd(fn):
+        def run():
+            total, _ = fn(pred_g, label, states_g)
+            total.backward()
+            states_g.grad = None
+            pred_g.grad = None
+            for p in model.parameters():
+                p.grad = None
+        return run
+
+    naive = lambda p, l, s: naive_loss(model, p, l, s, lam)  # noqa: E731
+    fns = {"floor": fwd(floor), "ours eager": fwd(loss), "ours scripted": fwd(scripted), "naive": fwd(naive)}
+    ort_note = ""
+    if device == "cpu":
+        try:
+            import onnxruntime as ort
+            from rnnloss import export
+            with tempfile.TemporaryDirectory() as d:
+                path = Path(d) / "loss.onnx"
+                export.export_onnx(loss, (pred[:5, :3], label[:5, :3], states[:5, :3]), path, opset=None)
+                session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            feeds = {"pred": pred.numpy(), "label": label.numpy(), "states": states.numpy()}
+            fns["ours onnxruntime"] = lambda: session.run(None, feeds)
+        except ImportError as e:
+            ort_note = f"(onnxruntime not run: {e})"
+    fwd_times = interleaved(fns, rounds, device)
+    bwd_times = interleaved({"floor (read states, write grad)": lambda: torch.mul(states, 2.0),
+                             "ours eager": fwd_bwd(loss), "ours scripted": fwd_bwd(scripted),
+                             "naive": fwd_bwd(naive)}, rounds, device)
+    print(f"\n(T, B, N) = ({t}, {b}, {n}), {t * b * n / 1e6:.1f} M rates, fp32, {device} {ort_note}")
+    print("  forward:")
+    for k, v in fwd_times.items():
+        extra = "" if k == "floor" or k == "naive" else \
+            f"  ours/floor {v / fwd_times['floor']:5.2f}x  naive/ours {fwd_times['naive'] / v:5.2f}x"
+        print(f"    {k:34s} {fmt(v)}{extra}")
+    print("  forward + backward:")
+    fl = bwd_times["floor (read states, write grad)"]
+    for k, v in bwd_times.items():
+        extra = "" if k.startswith("floor") or k == "naive" else \
+            f"  ours/floor {v / fl:5.2f}x  naive/ours {bwd_times['naive'] / v:5.2f}x"
+        print(f"    {k:34s} {fmt(v)}{extra}")
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        total, _ = loss(pred_g, label, states_g)
+        total.backward()
+        torch.cuda.synchronize()
+        extra = torch.cuda.max_memory_allocated() - base - states_g.grad.numel() * 4 - pred_g.grad.numel() * 4
+        print(f"    peak extra memory beyond inputs and gradients: {extra / 2**20:.1f} MiB "
+              f"(states are {states.numel() * 4 / 2**20:.1f} MiB)")
+        states_g.grad = None
+        pred_g.grad = None
+    check_accuracy(loss, naive, pred, label, states)
+
+
+def check_accuracy(loss, naive, pred, label, states):
+    """Every formulation against the float64 formulas at this size (relative error)."""
+    r = states.double().reshape(-1, states.shape[-1])
+    rbar, mu = r.mean(0), r.mean()
+    sigma = ((rbar - mu) ** 2).mean().sqrt()
+    ref = torch.stack([((pred.double() - label.double()) ** 2).mean(), (r ** 2).mean(), sigma, sigma / mu])
+    with torch.no_grad():
+        for name, fn in (("ours", loss), ("naive", naive)):
+            lam = loss.lambdas.double()[[0, 4, 5, 6]]
+            got = fn(pred, label, states)[1].double()[[0, 4, 5, 6]] / lam
+            err = ((got - ref.to(got.device)).abs() / ref.abs().to(got.device)).max().item()
+            print(f"    accuracy vs float64 ({name}): max rel err {err:.1e} over mse, fr, fr_sd, fr_cv")
+
+
+def bench_training(t, b, n, device, rounds):
+    torch.manual_seed(0)
+    model = CTRNN((3, n, 2)).to(device)
+    loss = RNNLoss(model, **ALL_ON)
+    from rnnloss.trainer import CTRNNTrainer
+    eager = CTRNNTrainer(loss)
+    scripted = torch.jit.script(CTRNNTrainer(loss))
+    x = torch.randn(t, b, 3, device=device)
+    target = torch.randn(t, b, 2, device=device)
+
+    def step(module):
+        def run():
+            total = module(x, target)[0]
+            total.backward()
+            for p in model.parameters():
+                p.grad = None
+            for p in scripted.parameters():
+                p.grad = None
+        return run
+
+    times = interleaved({"eager": step(eager), "scripted": step(scripted)}, rounds, device)
+    print(f"\ntraining step (CTRNN forward + loss + backward), (T, B, N) = ({t}, {b}, {n}), {device}:")
+    print(f"    eager    {fmt(times['eager'])}")
+    print(f"    scripted {fmt(times['scripted'])}  eager/scripted {times['eager'] / times['scripted']:5.2f}x")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--sizes", nargs="*", help="T,B,N triples (default depends on the device)")
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench_loss: --device cuda: no CUDA GPU visible")
+    sizes = [tuple(int(v) for v in s.split(",")) for s in args.sizes] if args.sizes else \
+        [(100, 16, 64), (500, 64, 512)] + ([(500, 256, 1024)] if args.device == "cuda" else [])
+    name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"rnnloss benchmark: torch {torch.__version__}, {name}, {time.strftime('%Y-%m-%d')}")
+    for t, b, n in sizes:
+        bench_loss(t, b, n, args.device, args.rounds)
+    for t, b, n in [(100, 16, 64), (100, 64, 256)]:
+        bench_training(t, b, n, args.device, max(3, args.rounds // 3))
+
+
+if __name__ == "__main__":
+    main()
