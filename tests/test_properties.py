@@ -1,0 +1,125 @@
+"""Property-based parity: eager == scripted == float64 reference over random shapes, active sets,
+λ magnitudes and kinds of rates; and thread safety of the scripted module and ONNX session."""
+import math
+import threading
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import ALL_SUBSETS, make_model
+from reference import loss_components
+from rnnloss import RNNLoss
+
+RATE_KINDS = ("random", "zero", "equal", "negative", "large")
+
+
+def rates(kind, shape, g):
+    if kind == "random":
+        return torch.rand(shape, generator=g, dtype=torch.float64)
+    if kind == "zero":
+        return torch.zeros(shape, dtype=torch.float64)
+    if kind == "equal":
+        return torch.full(shape, 0.37, dtype=torch.float64)
+    if kind == "negative":  # tanh rates
+        return torch.rand(shape, generator=g, dtype=torch.float64) * 2 - 1.2
+    return 1e4 * torch.rand(shape, generator=g, dtype=torch.float64)
+
+
+_SCRIPTED = {}
+
+
+def scripted_for(loss):
+    key = id(loss)
+    if key not in _SCRIPTED:
+        _SCRIPTED.clear()
+        _SCRIPTED[key] = torch.jit.script(loss)
+    return _SCRIPTED[key]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(time=st.integers(1, 8), batch=st.integers(1, 8), n_hid=st.integers(1, 16), n_in=st.integers(1, 4),
+       n_out=st.integers(1, 4), active=st.sampled_from(ALL_SUBSETS), kind=st.sampled_from(RATE_KINDS),
+       log_lambda=st.floats(-8, 4), seed=st.integers(0, 2**16))
+def test_eager_scripted_and_reference_agree(time, batch, n_hid, n_in, n_out, active, kind, log_lambda, seed):
+    lam = 10.0 ** log_lambda
+    torch.manual_seed(seed)
+    model = make_model((n_in, n_hid, n_out), seed=seed)
+    loss = RNNLoss(model, **{f"lambda_{n}": (lam if i in active else 0.0)
+                             for i, n in enumerate(("mse", "in", "hid", "out", "fr", "fr_sd", "fr_cv"))})
+    g = torch.Generator().manual_seed(seed)
+    pred = torch.randn(time, batch, n_out, generator=g, dtype=torch.float64)
+    label = torch.randn(time, batch, n_out, generator=g, dtype=torch.float64)
+    states64 = rates(kind, (time, batch, n_hid), g)
+    inputs = [t.float() for t in (pred, label, states64)]
+    ref = loss_components(*inputs, model.recurrent_layer.input_layer.weight,
+                          model.recurrent_layer.hidden_layer.weight, model.readout_layer.weight, loss.lambdas)
+    eager = loss(*inputs)[1].detach().double()
+    scripted = scripted_for(loss)(*inputs)[1].detach().double()
+    assert torch.equal(eager, scripted) or torch.allclose(eager, scripted, rtol=1e-6, atol=0)
+    # Tolerances from float32 accumulation (inputs are exact in float32, so only summation errs):
+    # - sums of squares (0–4): ≤ 1024 terms, the §2 guarantee rtol 1e-5;
+    # - σ is built from deviations r̄_i − μ whose absolute error is a few ulp of max|r|:
+    #   abs tol 8·ε·max|r| (times λ);
+    # - CV = σ/μ: first-order error δσ/|μ| + σ·δμ/μ² with δσ, δμ ≤ 8·ε·max|r|.
+    eps = torch.finfo(torch.float32).eps
+    r = inputs[2].double().reshape(-1, n_hid)
+    mu = r.mean().item()
+    sigma = (r.mean(0) - mu).pow(2).mean().sqrt().item()
+    delta = 8 * eps * r.abs().max().item()
+    for i in range(7):
+        expected = ref[i]
+        if math.isinf(expected):  # CV with μ = 0 and σ > 0
+            assert math.isinf(eager[i].item())
+            continue
+        if i == 5:
+            atol = lam * delta
+        elif i == 6 and mu != 0.0:
+            atol = lam * (delta / abs(mu) + sigma * delta / mu ** 2)
+        else:
+            atol = 0.0
+        assert eager[i].item() == pytest.approx(expected, rel=1e-5, abs=atol), (i, kind)
+
+
+def test_scripted_module_and_onnx_session_are_thread_safe(tmp_path):
+    import onnxruntime as ort
+
+    from rnnloss import export
+    loss = RNNLoss(make_model((3, 16, 2)), lambda_fr=0.1, lambda_fr_sd=0.1, lambda_fr_cv=0.1).eval()
+    scripted = torch.jit.script(loss)
+    inputs = export.sample_inputs(loss, 7, 4, seed=0)
+    export.export_onnx(loss, export.sample_inputs(loss, 5, 3, seed=1), tmp_path / "l.onnx", opset=None)
+    session = ort.InferenceSession(str(tmp_path / "l.onnx"), providers=["CPUExecutionProvider"])
+    feeds = {k: v.numpy() for k, v in zip(("pred", "label", "states"), inputs)}
+    with torch.no_grad():
+        expected_ts = scripted(*inputs)[1]
+    expected_ort = session.run(None, feeds)[1]
+    failures = []
+
+    def worker():
+        for _ in range(25):
+            with torch.no_grad():
+                got = scripted(*inputs)[1]
+            if not torch.equal(got, expected_ts):
+                failures.append("torchscript")
+            if not np.array_equal(session.run(None, feeds)[1], expected_ort):
+                failures.append("onnxruntime")
+
+    threads = [threading.Thread(target=worker) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+
+
+def test_package_loads_nothing_with_full_unpickling():
+    # Every torch.load in the package must pass weights_only=True (no arbitrary code on load).
+    import pathlib
+    import re
+    src = pathlib.Path(__file__).resolve().parents[1] / "src" / "rnnloss"
+    for path in src.rglob("*.py"):
+        for call in re.findall(r"torch\.load\([^)]*\)", path.read_text()):
+            assert "weights_only=True" in call, f"{path.name}: {call}"
