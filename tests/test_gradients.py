@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from conftest import ALL_ON, NAMES, lambdas_for, make_inputs, make_model
+from conftest import ALL_ON, CUDA, NAMES, lambdas_for, make_inputs, make_model
 from rnnloss import RNNLoss
 
 W_KEYS = ("model.recurrent_layer.input_layer.weight", "model.recurrent_layer.hidden_layer.weight",
@@ -137,19 +137,20 @@ def test_non_finite_inputs_propagate_to_every_component_that_reads_them(where, b
         assert torch.isnan(comps[5]) and torch.isnan(comps[6])  # never masked to 0 by the σ = 0 guard
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, CUDA])])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_inputs_accumulate_and_return_float32(dtype):
+def test_half_precision_inputs_accumulate_and_return_float32(dtype, device):
     from reference import loss_components
-    model = make_model((3, 8, 2))
+    model = make_model((3, 8, 2)).to(device)
     loss = RNNLoss(model, **ALL_ON)
-    pred, label, states = make_inputs(model, 9, 4, dtype=dtype)
+    pred, label, states = make_inputs(model, 9, 4, dtype=dtype, device=device)
     total, comps = loss(pred, label, states)
     assert total.dtype == torch.float32 and comps.dtype == torch.float32
     m = model
     ref = loss_components(pred, label, states, m.recurrent_layer.input_layer.weight,
                           m.recurrent_layer.hidden_layer.weight, m.readout_layer.weight, loss.lambdas)
     # The inputs are exactly representable in float32; accumulation in float32 keeps 1e-5.
-    torch.testing.assert_close(comps.detach().double(), torch.tensor(ref, dtype=torch.float64), rtol=1e-5, atol=0)
+    torch.testing.assert_close(comps.detach().cpu().double(), torch.tensor(ref, dtype=torch.float64), rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "transposed"])
