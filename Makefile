@@ -10,13 +10,14 @@ PYTEST_ARGS ?=
 BUILD ?= build
 STEPS ?= 300
 
-.PHONY: all venv test export cpp bench gpu-check clean
+.PHONY: all venv test export cpp bench gpu-check example clean
 
 all: test
 
-$(STAMP): requirements/base.txt requirements/onnx.txt requirements/test.txt pyproject.toml
+$(STAMP): requirements/base.txt requirements/onnx.txt requirements/test.txt requirements/nn4n.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements/test.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements/nn4n.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $@
 
@@ -41,6 +42,14 @@ cpp: $(STAMP) $(OUT)/ctrnn_train.pt
 
 clean:
 	rm -rf build $(OUT) .pytest_cache
+
+## The neurogym example in its own venv (neurogym pins numpy 2.2); writes docs/neurogym_task.png.
+EXAMPLE_VENV ?= .venv-example
+example:
+	test -x $(EXAMPLE_VENV)/bin/python || $(PYTHON) -m venv $(EXAMPLE_VENV)
+	$(EXAMPLE_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements/example.txt
+	$(EXAMPLE_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	$(EXAMPLE_VENV)/bin/python examples/neurogym_task.py --out docs/neurogym_task.png
 
 ## Benchmarks: ratios against the memory floor and a naive transcription, measured in one run.
 bench: $(STAMP)

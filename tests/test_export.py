@@ -60,7 +60,7 @@ def test_onnx_runtime_refuses_states_with_the_wrong_hidden_size(artifacts):
 def test_train_module_trains_with_a_python_optimizer_and_anneals(artifacts):
     train = torch.jit.load(str(artifacts / "ctrnn_train.pt"))
     names = [n for n, _ in train.named_parameters()]
-    assert names == ["loss.model." + k for k in ("recurrent_layer.input_layer.weight", "recurrent_layer.input_layer.bias",
+    assert names == ["loss.model." + k for k in ("recurrent_layer.hidden_state", "recurrent_layer.input_layer.weight", "recurrent_layer.input_layer.bias",
                                                  "recurrent_layer.hidden_layer.weight", "recurrent_layer.hidden_layer.bias",
                                                  "readout_layer.weight", "readout_layer.bias")]
     torch.manual_seed(0)
@@ -115,3 +115,15 @@ def test_shipped_default_config_is_the_embedded_default():
     from rnnloss.config import default_config
     shipped = Path(__file__).resolve().parents[1] / "export" / "configs" / "default.json"
     assert json.loads(shipped.read_text()) == default_config() == validate({})
+
+
+def test_export_of_a_model_with_learned_alpha_init_state_and_noise_passes_parity(tmp_path):
+    # Noise is off in the exported (eval) modules; the train module keeps it for training.
+    config = validate({"model": {"dims": [2, 8, 2], "activation": "tanh", "learn_alpha": True,
+                                 "init_state": "learn", "preact_noise": 0.1, "batch_first": True},
+                       "example": {"time": 4, "batch": 2}})
+    assert export.run(config, tmp_path / "a", force=False, device="cpu") == 0
+    train = torch.jit.load(str(tmp_path / "a" / "ctrnn_train.pt"))
+    names = {n for n, p in train.named_parameters() if p.requires_grad}
+    assert {"loss.model.recurrent_layer.alpha", "loss.model.recurrent_layer.hidden_state"} <= names
+    assert train.is_batch_first()

@@ -8,7 +8,7 @@ from reference import ctrnn_run
 from rnnloss import CTRNN
 from rnnloss.model import ACTIVATIONS
 
-NN4N_KEYS = {"recurrent_layer.input_layer.weight", "recurrent_layer.input_layer.bias",
+NN4N_KEYS = {"recurrent_layer.hidden_state", "recurrent_layer.input_layer.weight", "recurrent_layer.input_layer.bias",
              "recurrent_layer.hidden_layer.weight", "recurrent_layer.hidden_layer.bias",
              "readout_layer.weight", "readout_layer.bias"}
 
@@ -117,3 +117,79 @@ def test_weight_initialisations(init):
         assert w.abs().max() <= 1 / 3 and w.std() > 0
     else:
         assert w.std() > 0
+
+
+def test_learnable_alpha_is_per_neuron_trains_and_stays_in_range():
+    model = make_model((2, 6, 1), dtype=torch.float64, learn_alpha=True, tau=100.0, dt=10.0)
+    alpha = model.recurrent_layer.alpha
+    assert alpha.shape == (6,) and torch.all(alpha.float() == 0.1)  # dt/τ, made in float32 then cast
+    with torch.no_grad():
+        alpha.copy_(torch.tensor([0.05, 0.1, 0.2, 0.5, 1.0, 0.3], dtype=torch.float64))
+    x = torch.randn(5, 3, 2, dtype=torch.float64)
+    # reference: the §4 dynamics with a per-neuron α (elementwise)
+    rl = model.recurrent_layer
+    v = torch.zeros(3, 6, dtype=torch.float64)
+    r = torch.relu(v)
+    for t in range(5):
+        pre = r @ rl.hidden_layer.weight.T + rl.hidden_layer.bias + x[t] @ rl.input_layer.weight.T + rl.input_layer.bias
+        v = (1 - alpha) * v + alpha * pre
+        r = torch.relu(v)
+    torch.testing.assert_close(model(x)[1][-1], r, rtol=1e-12, atol=0)
+    model(x)[1].sum().backward()
+    assert alpha.grad is not None and alpha.grad.abs().sum() > 0  # (a silent relu neuron gets 0)
+    with torch.no_grad():
+        alpha.copy_(torch.tensor([-1.0, 0.0, 0.5, 2.0, 1.0, 1e-5], dtype=torch.float64))
+    model.enforce_constraints()
+    assert alpha.tolist() == [1e-3, 1e-3, 0.5, 1.0, 1.0, 1e-3]
+
+
+def test_learnable_initial_state_is_v0_and_trains():
+    model = make_model((2, 4, 1), dtype=torch.float64, init_state="learn")
+    h = model.recurrent_layer.hidden_state
+    assert h.requires_grad
+    with torch.no_grad():
+        h.copy_(torch.tensor([0.5, -0.2, 1.0, 0.0], dtype=torch.float64))
+    x = torch.randn(3, 2, 2, dtype=torch.float64)
+    ref = model(x, h.detach().expand(2, 4).clone())[1]
+    out = model(x)[1]
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    out.sum().backward()
+    assert h.grad is not None and h.grad.abs().sum() > 0
+    fixed = make_model((2, 4, 1))
+    assert not fixed.recurrent_layer.hidden_state.requires_grad
+
+
+def test_plasticity_scales_gradients_per_synapse():
+    scale = torch.tensor([[0.0, 1.0], [0.5, 2.0]])
+    model = CTRNN((2, 2, 1), plasticity_masks=(None, scale, None))
+    model(torch.randn(4, 3, 2))[1].pow(2).sum().backward()
+    w = model.recurrent_layer.hidden_layer.weight
+    raw, other = w.grad.clone(), model.recurrent_layer.input_layer.weight.grad.clone()
+    model.apply_plasticity()
+    torch.testing.assert_close(w.grad, raw * scale)
+    torch.testing.assert_close(model.recurrent_layer.input_layer.weight.grad, other)  # no mask: unchanged
+    with pytest.raises(ValueError, match="plasticity_masks for the hidden layer must be >= 0"):
+        CTRNN((2, 2, 1), plasticity_masks=(None, -scale, None))
+
+
+def test_explicit_weights_and_bias_options():
+    w_hid = torch.arange(16.0).reshape(4, 4) / 10
+    model = CTRNN((2, 4, 3), weights=("normal", w_hid, "zero"), biases=(None, "zero", torch.tensor([1.0, 2.0, 3.0])))
+    torch.testing.assert_close(model.recurrent_layer.hidden_layer.weight.detach(), w_hid)
+    assert torch.all(model.readout_layer.weight == 0)
+    b_in = model.recurrent_layer.input_layer.bias
+    assert not b_in.requires_grad and torch.all(b_in == 0)          # None: nn4n's fixed zero bias
+    assert model.recurrent_layer.hidden_layer.bias.requires_grad     # "zero": learnable from 0
+    assert model.readout_layer.bias.tolist() == [1.0, 2.0, 3.0]
+    with pytest.raises(ValueError, match=r"weights for the hidden layer must have shape \[4, 4\]"):
+        CTRNN((2, 4, 3), weights=("uniform", torch.zeros(3, 4), "uniform"))
+
+
+def test_dale_initialisation_balances_excitation_and_inhibition():
+    torch.manual_seed(0)
+    signs = torch.tensor([1.0] * 8 + [-1.0] * 2)  # 8 E, 2 I presynaptic neurons
+    model = CTRNN((2, 10, 2), ei_masks=(None, signs, None))
+    w = model.recurrent_layer.hidden_layer.weight
+    assert torch.all(w[:, :8] >= 0) and torch.all(w[:, 8:] <= 0)
+    assert torch.count_nonzero(w) == w.numel()  # signs imposed by |w|·sign, nothing zeroed
+    torch.testing.assert_close(w[:, :8].sum(), -w[:, 8:].sum())

@@ -12,10 +12,14 @@ RTOL = 1e-5  # fp32, same device, same kernels: only fusion/ordering differences
 def grads_of(module, outputs, inputs):
     """Gradients of sum(total + components) w.r.t. the given inputs and every named parameter."""
     total, comps = outputs
-    params = dict(module.named_parameters())
+    params = {k: p for k, p in module.named_parameters() if p.requires_grad}
     wanted = list(inputs) + list(params.values())
     grads = torch.autograd.grad(total + comps.sum(), wanted, allow_unused=True)
     return list(grads[: len(inputs)]), dict(zip(params, grads[len(inputs):]))
+
+
+def trainable(module):
+    return [p for p in module.parameters() if p.requires_grad]
 
 
 def assert_same(a, b, rtol=RTOL):
@@ -79,10 +83,35 @@ class ScriptedMatchesEager:
         out_s, st_s = scripted(x)
         assert_same(out_e, out_s)
         assert_same(st_e, st_s)
-        ge = torch.autograd.grad((out_e.sum() + st_e.sum()), [x] + list(model.parameters()))
-        gs = torch.autograd.grad((out_s.sum() + st_s.sum()), [x] + list(scripted.parameters()))
+        ge = torch.autograd.grad((out_e.sum() + st_e.sum()), [x] + trainable(model))
+        gs = torch.autograd.grad((out_s.sum() + st_s.sum()), [x] + trainable(scripted))
         for a, b in zip(ge, gs):
             assert_same(a, b)
+
+    def test_model_with_every_feature(self, tmp_path):
+        torch.manual_seed(0)
+        n = 8
+        model = CTRNN((3, n, 2), activation="softplus", learn_alpha=True, init_state="learn",
+                      biases=(None, "zero", "normal"), weights=("normal", "uniform", "zero"),
+                      sparsity_masks=(None, (torch.rand(n, n) > 0.3).float(), None),
+                      ei_masks=(None, torch.tensor([1.0] * 6 + [-1.0] * 2), None),
+                      plasticity_masks=(torch.full((n, 3), 0.5), None, None)).to(self.device)
+        with torch.no_grad():
+            model.recurrent_layer.hidden_state.normal_()
+            model.readout_layer.weight.normal_()
+        scripted = script_roundtrip(model, tmp_path)
+        x = torch.randn(6, 4, 3, device=self.device)
+        out_e, st_e = model(x)
+        out_s, st_s = scripted(x)
+        assert_same(out_e, out_s)
+        assert_same(st_e, st_s)
+        (out_e.sum() + st_e.pow(2).sum()).backward()
+        (out_s.sum() + st_s.pow(2).sum()).backward()
+        model.apply_plasticity()
+        scripted.apply_plasticity()
+        for (name, a), b in zip(model.named_parameters(), scripted.parameters()):
+            assert_same(a.grad, b.grad)
+            assert (a.grad is None) == (name.endswith("input_layer.bias"))  # nn4n-style fixed bias
 
     def test_scripted_enforce_constraints(self, tmp_path):
         mask = torch.eye(8)
@@ -112,8 +141,8 @@ class ScriptedMatchesEager:
         out_e, out_s = eager(x, target), scripted(x, target)
         for a, b in zip(out_e, out_s):
             assert_same(a, b)
-        ge = torch.autograd.grad(out_e[0], list(eager.parameters()))
-        gs = torch.autograd.grad(out_s[0], list(scripted.parameters()))
+        ge = torch.autograd.grad(out_e[0], trainable(eager))
+        gs = torch.autograd.grad(out_s[0], trainable(scripted))
         for a, b in zip(ge, gs):
             assert_same(a, b)
 

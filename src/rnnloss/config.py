@@ -12,7 +12,7 @@ from typing import Any, Dict
 from .loss import LAMBDA_NAMES
 
 LAMBDA_KEYS = LAMBDA_NAMES
-from .model import ACTIVATIONS
+from .model import ACTIVATIONS, INIT_STATES
 
 
 class ConfigError(ValueError):
@@ -67,6 +67,12 @@ def _activation(key, v):
     return v
 
 
+def _init_state(key, v):
+    if v not in INIT_STATES:
+        raise ConfigError(key, f"expected one of {list(INIT_STATES)}, got {json.dumps(v)}")
+    return v
+
+
 def _bool(key, v):
     if not isinstance(v, bool):
         raise ConfigError(key, f"expected true or false, got {json.dumps(v)}")
@@ -84,7 +90,9 @@ def _opset(key, v):
 
 SCHEMA = {
     "model": {"dims": _dims, "tau": lambda k, v: _number(k, v, positive=True),
-              "dt": lambda k, v: _number(k, v, positive=True), "activation": _activation, "batch_first": _bool},
+              "dt": lambda k, v: _number(k, v, positive=True), "activation": _activation, "batch_first": _bool,
+              "preact_noise": lambda k, v: _number(k, v, minimum=0), "postact_noise": lambda k, v: _number(k, v, minimum=0),
+              "init_state": _init_state, "learn_alpha": _bool},
     "loss": {name: (lambda k, v: _number(k, v, minimum=0)) for name in LAMBDA_NAMES},
     "example": {"time": _positive_int, "batch": _positive_int},
     "seed": lambda k, v: _non_negative_int(k, v),

@@ -36,7 +36,8 @@ def build(config: Dict[str, Any]) -> RNNLoss:
     torch.manual_seed(config["seed"])
     m = config["model"]
     model = CTRNN(tuple(m["dims"]), tau=m["tau"], dt=m["dt"], activation=m["activation"],
-                  batch_first=m["batch_first"])
+                  batch_first=m["batch_first"], preact_noise=m["preact_noise"], postact_noise=m["postact_noise"],
+                  init_state=m["init_state"], learn_alpha=m["learn_alpha"])
     return RNNLoss(model, **config["loss"]).eval()
 
 

@@ -15,6 +15,7 @@ Parameter names follow nn4n's, so its state dicts load: ``recurrent_layer.input_
 ``readout_layer.weight`` (N_out × N_hid), and the matching ``.bias`` entries.
 """
 import math
+import operator
 from typing import Final, Optional, Sequence, Tuple, Union
 
 import torch
@@ -25,9 +26,14 @@ from ._checks import check_float_tensor, dtype_name, shape_of
 
 ACTIVATIONS = ("relu", "tanh", "sigmoid", "softplus", "retanh")
 WEIGHT_INITS = ("uniform", "normal", "zero")
+BIAS_INITS = ("uniform", "normal", "zero")
+INIT_STATES = ("zero", "learn")
 LAYERS = ("input", "hidden", "readout")
+ALPHA_MIN = 1e-3  # learnable α is kept in [ALPHA_MIN, 1] by enforce_constraints()
 
-MaskArg = Optional[Union[Tensor, Sequence[Optional[Tensor]]]]
+MaskArg = Optional[Sequence[Optional[Tensor]]]
+InitArg = Union[str, Tensor]
+BiasArg = Union[bool, None, str, Tensor]
 
 
 def _project(weight: Tensor, sparsity: Tensor, has_sparsity: bool, sign: Tensor, has_sign: bool) -> None:
@@ -44,13 +50,29 @@ def _project(weight: Tensor, sparsity: Tensor, has_sparsity: bool, sign: Tensor,
         weight.copy_(w)
 
 
-class RecurrentLayer(nn.Module):
-    """Holds the input and hidden weights under nn4n's names (``recurrent_layer.*``)."""
+def _scale_grad(weight: Tensor, scale: Tensor, has_scale: bool) -> None:
+    """Multiply ``weight.grad`` in place by the per-synapse plasticity ``scale`` (if any)."""
+    if has_scale:
+        grad = weight.grad
+        if grad is not None:
+            grad.mul_(scale)
 
-    def __init__(self, n_in: int, n_hid: int, bias_in: bool, bias_hid: bool) -> None:
+
+class RecurrentLayer(nn.Module):
+    """Holds the input and hidden weights under nn4n's names (``recurrent_layer.*``).
+
+    ``hidden_state`` (N_hid) is nn4n's initial pre-activation v_0: a parameter that is trained
+    only with ``init_state="learn"`` (and stays 0 otherwise). ``alpha`` is the per-neuron
+    learnable α = dt/τ with ``learn_alpha=True``, else ``None`` (the fixed scalar is used).
+    """
+
+    def __init__(self, n_in: int, n_hid: int, bias_in: bool, bias_hid: bool, learn_init: bool,
+                 alpha: Optional[float]) -> None:
         super().__init__()
         self.input_layer = nn.Linear(n_in, n_hid, bias=bias_in)
         self.hidden_layer = nn.Linear(n_hid, n_hid, bias=bias_hid)
+        self.hidden_state = nn.Parameter(torch.zeros(n_hid), requires_grad=learn_init)
+        self.alpha = None if alpha is None else nn.Parameter(torch.full((n_hid,), alpha))
 
     def forward(self, r: Tensor) -> Tensor:  # pragma: no cover - CTRNN drives the layers
         return self.hidden_layer(r)
@@ -65,15 +87,28 @@ class CTRNN(nn.Module):
         activation: one of ``relu``, ``tanh``, ``sigmoid``, ``softplus``, ``retanh``
             (max(tanh(x), 0)).
         preact_noise, postact_noise: σ_pre and σ_post, ≥ 0; used in training mode only.
-        biases: ``True``/``False`` for all three layers, or a sequence of three bools
-            (input, hidden, readout).
-        weights: initialisation, ``"uniform"`` (U(±1/√fan_in)), ``"normal"`` (N(0, 1/fan_in))
-            or ``"zero"``, for all layers or as a sequence of three.
+        biases: for all three layers or as a sequence (input, hidden, readout), each one of
+            ``True`` (= ``"uniform"``), ``"uniform"``, ``"normal"``, ``"zero"`` (learnable, from
+            0), ``None`` (a zero bias that is not trained: nn4n's default), ``False`` (no bias
+            parameter at all) or a tensor (N_out_layer,) holding the initial bias.
+        weights: initialisation for all layers or as a sequence of three: ``"uniform"``
+            (U(±1/√fan_in)), ``"normal"`` (N(0, 1/fan_in)), ``"zero"``, or a tensor shaped like
+            the weight (out × in).
         sparsity_masks: ``None`` or a sequence (input, hidden, readout) of ``None`` or tensors
             shaped like the weight (out × in); 0 marks an absent synapse.
         ei_masks: ``None`` or a sequence (input, hidden, readout) of ``None`` or sign tensors:
             either 1-D of length ``in_features`` (one sign per presynaptic neuron — Dale's law)
-            or shaped like the weight; +1 excitatory, −1 inhibitory, 0 unconstrained.
+            or shaped like the weight; +1 excitatory, −1 inhibitory, 0 unconstrained. At
+            initialisation the constrained weights take their sign (|w|·sign) and, where a layer
+            has both signs, the larger of the summed excitatory and inhibitory weight is scaled
+            down to match the other (E/I balance).
+        plasticity_masks: ``None`` or a sequence (input, hidden, readout) of ``None`` or tensors
+            shaped like the weight, ≥ 0: per-synapse learning-rate scales applied to the
+            gradients by :meth:`apply_plasticity` (0 freezes a synapse).
+        init_state: ``"zero"`` (v_0 = 0) or ``"learn"`` (v_0 = ``recurrent_layer.hidden_state``,
+            trained). An ``init_state`` argument to ``forward`` overrides both.
+        learn_alpha: train one α per neuron (``recurrent_layer.alpha``, initialised to dt/τ
+            and kept in [1e-3, 1] by :meth:`enforce_constraints`).
         batch_first: inputs and outputs are (B, T, ·) instead of the default (T, B, ·).
 
     Shape:
@@ -81,7 +116,8 @@ class CTRNN(nn.Module):
         - output: (T, B, N_out); states: (T, B, N_hid) (batch first likewise).
 
     Masks are applied by :meth:`enforce_constraints`, which runs at construction and which a
-    training loop calls after each optimizer step; ``forward`` never changes the parameters.
+    training loop calls after each optimizer step; :meth:`apply_plasticity` goes between
+    ``backward()`` and ``step()``. ``forward`` never changes the parameters.
     """
 
     alpha: Final[float]
@@ -89,6 +125,7 @@ class CTRNN(nn.Module):
     preact_noise: Final[float]
     postact_noise: Final[float]
     batch_first: Final[bool]
+    learn_init: Final[bool]
     n_in: Final[int]
     n_hid: Final[int]
     n_out: Final[int]
@@ -98,6 +135,9 @@ class CTRNN(nn.Module):
     _sign_in: Final[bool]
     _sign_hid: Final[bool]
     _sign_out: Final[bool]
+    _plastic_in: Final[bool]
+    _plastic_hid: Final[bool]
+    _plastic_out: Final[bool]
 
     def __init__(
         self,
@@ -108,10 +148,13 @@ class CTRNN(nn.Module):
         activation: str = "relu",
         preact_noise: float = 0.0,
         postact_noise: float = 0.0,
-        biases: Union[bool, Sequence[bool]] = True,
-        weights: Union[str, Sequence[str]] = "uniform",
+        biases: Union[BiasArg, Sequence[BiasArg]] = True,
+        weights: Union[InitArg, Sequence[InitArg]] = "uniform",
         sparsity_masks: MaskArg = None,
         ei_masks: MaskArg = None,
+        plasticity_masks: MaskArg = None,
+        init_state: str = "zero",
+        learn_alpha: bool = False,
         batch_first: bool = False,
     ) -> None:
         super().__init__()
@@ -126,13 +169,18 @@ class CTRNN(nn.Module):
         for name, value in (("preact_noise", preact_noise), ("postact_noise", postact_noise)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        if not isinstance(batch_first, bool):
-            raise TypeError(f"batch_first must be a bool, got {batch_first!r}")
-        bias_flags = _per_layer(biases, "biases", bool)
-        inits = _per_layer(weights, "weights", str)
-        for layer, init in zip(LAYERS, inits):
-            if init not in WEIGHT_INITS:
-                raise ValueError(f"weights for the {layer} layer must be one of {list(WEIGHT_INITS)}, got {init!r}")
+        for name, value in (("batch_first", batch_first), ("learn_alpha", learn_alpha)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be a bool, got {value!r}")
+        if init_state not in INIT_STATES:
+            raise ValueError(f"init_state must be one of {list(INIT_STATES)}, got {init_state!r}")
+        shapes = ((n_hid, n_in), (n_hid, n_hid), (n_out, n_hid))
+        bias_specs = _per_layer_spec(biases, "biases")
+        weight_specs = _per_layer_spec(weights, "weights")
+        for layer, spec, shape in zip(LAYERS, bias_specs, shapes):
+            _check_bias_spec(layer, spec, shape[0])
+        for layer, spec, shape in zip(LAYERS, weight_specs, shapes):
+            _check_weight_spec(layer, spec, shape)
 
         self.n_in, self.n_hid, self.n_out = n_in, n_hid, n_out
         self.tau, self.dt = float(tau), float(dt)
@@ -141,30 +189,43 @@ class CTRNN(nn.Module):
         self.preact_noise = float(preact_noise)
         self.postact_noise = float(postact_noise)
         self.batch_first = batch_first
+        self.learn_init = init_state == "learn"
+        self.init_state = init_state
+        self.learn_alpha = learn_alpha
 
-        self.recurrent_layer = RecurrentLayer(n_in, n_hid, bias_flags[0], bias_flags[1])
-        self.readout_layer = nn.Linear(n_hid, n_out, bias=bias_flags[2])
-        linears = (self.recurrent_layer.input_layer, self.recurrent_layer.hidden_layer, self.readout_layer)
+        has_bias = [spec is not False for spec in bias_specs]
+        self.recurrent_layer = RecurrentLayer(n_in, n_hid, has_bias[0], has_bias[1], self.learn_init,
+                                              self.alpha if learn_alpha else None)
+        self.readout_layer = nn.Linear(n_hid, n_out, bias=has_bias[2])
+        linears = self._linears()
         with torch.no_grad():
-            for lin, init in zip(linears, inits):
-                _init_linear(lin, init)
+            for lin, w_spec, b_spec in zip(linears, weight_specs, bias_specs):
+                _init_linear(lin, w_spec, b_spec)
 
         sparsity = _masks(sparsity_masks, "sparsity_masks", linears, allow_vector=False)
         signs = _masks(ei_masks, "ei_masks", linears, allow_vector=True)
-        for layer, lin, mask in zip(LAYERS, linears, sparsity):
-            self._register_mask(f"sparsity_{layer}", mask, torch.ones_like(lin.weight))
+        plasticity = _masks(plasticity_masks, "plasticity_masks", linears, allow_vector=False)
         for layer, lin, mask in zip(LAYERS, linears, signs):
             if mask is not None and not bool(torch.all((mask == 1) | (mask == -1) | (mask == 0))):
                 raise ValueError(f"ei_masks for the {layer} layer must hold only +1, -1 and 0")
-            self._register_mask(f"sign_{layer}", mask, torch.zeros_like(lin.weight))
+        for layer, mask in zip(LAYERS, plasticity):
+            if mask is not None and not bool(torch.all(mask >= 0)):
+                raise ValueError(f"plasticity_masks for the {layer} layer must be >= 0 (gradient scales)")
+        for layer, lin, s_mask, e_mask, p_mask in zip(LAYERS, linears, sparsity, signs, plasticity):
+            self._register_mask(f"sparsity_{layer}", s_mask, torch.ones_like(lin.weight))
+            self._register_mask(f"sign_{layer}", e_mask, torch.zeros_like(lin.weight))
+            self._register_mask(f"plasticity_{layer}", p_mask, torch.ones_like(lin.weight))
         self._sparse_in, self._sparse_hid, self._sparse_out = (m is not None for m in sparsity)
         self._sign_in, self._sign_hid, self._sign_out = (m is not None for m in signs)
+        self._plastic_in, self._plastic_hid, self._plastic_out = (m is not None for m in plasticity)
         with torch.no_grad():
-            # Start on the right side of Dale's law instead of zeroing half of the weights.
-            for lin, mask in zip(linears, signs):
-                if mask is not None:
-                    lin.weight.copy_(torch.where(mask != 0, lin.weight.abs() * mask, lin.weight))
+            for lin, mask, w_spec in zip(linears, signs, weight_specs):
+                if mask is not None and isinstance(w_spec, str):
+                    _dale_init(lin.weight, mask)
         self.enforce_constraints()
+
+    def _linears(self) -> Tuple[nn.Linear, nn.Linear, nn.Linear]:
+        return (self.recurrent_layer.input_layer, self.recurrent_layer.hidden_layer, self.readout_layer)
 
     def _register_mask(self, name: str, mask: Optional[Tensor], default: Tensor) -> None:
         # A given mask is part of the model and travels in state_dict; an absent one is a
@@ -174,9 +235,20 @@ class CTRNN(nn.Module):
         else:
             self.register_buffer(name, mask.to(default.dtype).clone(), persistent=True)
 
+    @classmethod
+    def from_nn4n(cls, path_or_checkpoint, *, trust_checkpoint: bool = False, **overrides) -> "CTRNN":
+        """Build a CTRNN from an nn4n (1.1) checkpoint: a path or the dict nn4n's ``save()`` writes.
+
+        See :func:`rnnloss.nn4n.from_nn4n`; ``overrides`` (e.g. ``batch_first=True``) are passed
+        to the constructor.
+        """
+        from .nn4n import from_nn4n
+        return from_nn4n(path_or_checkpoint, trust_checkpoint=trust_checkpoint, cls=cls, **overrides)
+
     @torch.jit.export
     def enforce_constraints(self) -> None:
-        """Project the weights in place: zero absent synapses, clamp signs to the E/I masks."""
+        """Project the weights in place: zero absent synapses, clamp signs to the E/I masks, keep
+        a learnable α in [1e-3, 1]."""
         with torch.no_grad():
             _project(self.recurrent_layer.input_layer.weight, self.sparsity_input, self._sparse_in,
                      self.sign_input, self._sign_in)
@@ -184,6 +256,17 @@ class CTRNN(nn.Module):
                      self.sign_hidden, self._sign_hid)
             _project(self.readout_layer.weight, self.sparsity_readout, self._sparse_out,
                      self.sign_readout, self._sign_out)
+            alpha = self.recurrent_layer.alpha
+            if alpha is not None:
+                alpha.clamp_(min=1e-3, max=1.0)
+
+    @torch.jit.export
+    def apply_plasticity(self) -> None:
+        """Scale each weight's gradient by its plasticity mask (call between backward and step)."""
+        with torch.no_grad():
+            _scale_grad(self.recurrent_layer.input_layer.weight, self.plasticity_input, self._plastic_in)
+            _scale_grad(self.recurrent_layer.hidden_layer.weight, self.plasticity_hidden, self._plastic_hid)
+            _scale_grad(self.readout_layer.weight, self.plasticity_readout, self._plastic_out)
 
     def _activate(self, v: Tensor) -> Tensor:
         if self.activation == "relu":
@@ -209,7 +292,10 @@ class CTRNN(nn.Module):
             x = x.transpose(0, 1)
         steps, batch = x.size(0), x.size(1)
         if init_state is None:
-            v = torch.zeros(batch, self.n_hid, dtype=x.dtype, device=x.device)
+            if self.learn_init:
+                v = self.recurrent_layer.hidden_state.to(x.dtype).expand(batch, self.n_hid)
+            else:
+                v = torch.zeros(batch, self.n_hid, dtype=x.dtype, device=x.device)
         else:
             check_float_tensor(init_state, "init_state")
             if init_state.dim() != 2 or init_state.size(0) != batch or init_state.size(1) != self.n_hid:
@@ -221,16 +307,20 @@ class CTRNN(nn.Module):
         b_hid = self.recurrent_layer.hidden_layer.bias
         if b_hid is not None:
             drive = drive + b_hid
-        w_hid = self.recurrent_layer.hidden_layer.weight
+        w_hid_t = self.recurrent_layer.hidden_layer.weight.t()
         noisy_pre = self.training and self.preact_noise > 0.0
         noisy_post = self.training and self.postact_noise > 0.0
+        alpha_vec = self.recurrent_layer.alpha
         r = self._activate(v)
         rates = []
         for t in range(steps):
-            pre = torch.addmm(drive[t], r, w_hid.t())
+            pre = torch.addmm(drive[t], r, w_hid_t)
             if noisy_pre:
                 pre = pre + self.preact_noise * torch.randn_like(pre)
-            v = (1.0 - self.alpha) * v + self.alpha * pre
+            if alpha_vec is not None:
+                v = (1.0 - alpha_vec) * v + alpha_vec * pre
+            else:
+                v = (1.0 - self.alpha) * v + self.alpha * pre
             r = self._activate(v)
             if noisy_post:
                 r = r + self.postact_noise * torch.randn_like(r)
@@ -243,36 +333,96 @@ class CTRNN(nn.Module):
 
 
 def _check_dims(dims: Sequence[int]) -> Tuple[int, int, int]:
+    message = f"dims must be a sequence (N_in, N_hid, N_out) of three positive ints, got {dims!r}"
     try:
         values = tuple(dims)
     except TypeError:
-        raise TypeError(f"dims must be a sequence (N_in, N_hid, N_out) of three positive ints, got {dims!r}") from None
-    if len(values) != 3 or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in values):
-        raise ValueError(f"dims must be a sequence (N_in, N_hid, N_out) of three positive ints, got {dims!r}")
-    return values  # type: ignore[return-value]
+        raise TypeError(message) from None
+    out = []
+    for d in values:
+        if isinstance(d, bool) or not hasattr(d, "__index__"):  # ints, numpy ints; not floats or bools
+            raise ValueError(message)
+        out.append(operator.index(d))
+    if len(out) != 3 or any(d <= 0 for d in out):
+        raise ValueError(message)
+    return out[0], out[1], out[2]
 
 
-def _per_layer(value, name: str, kind: type) -> Tuple:
-    if isinstance(value, kind):
-        return (value, value, value)
-    if isinstance(value, (list, tuple)) and len(value) == 3 and all(isinstance(v, kind) for v in value):
+def _per_layer_spec(value, name: str) -> Tuple:
+    """One spec for all three layers, or a list/tuple of three (input, hidden, readout)."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != 3:
+            raise TypeError(f"{name} must be one value or a sequence of three (input, hidden, readout), got {value!r}")
         return tuple(value)
-    raise TypeError(f"{name} must be a {kind.__name__} or a sequence of three (input, hidden, readout), got {value!r}")
+    if isinstance(value, Tensor):
+        raise TypeError(f"{name} as a tensor must be given per layer: a sequence of three (input, hidden, readout)")
+    return (value, value, value)
 
 
-def _init_linear(lin: nn.Linear, init: str) -> None:
+def _check_bias_spec(layer: str, spec, size: int) -> None:
+    if spec is None or isinstance(spec, bool):
+        return
+    if isinstance(spec, str):
+        if spec not in BIAS_INITS:
+            raise ValueError(f"biases for the {layer} layer must be True, False, None, one of {list(BIAS_INITS)} "
+                             f"or a tensor, got {spec!r}")
+        return
+    if isinstance(spec, Tensor):
+        if tuple(spec.shape) != (size,):
+            raise ValueError(f"biases for the {layer} layer must have shape [{size}], got {list(spec.shape)}")
+        return
+    raise TypeError(f"biases for the {layer} layer must be True, False, None, a string or a tensor, got {spec!r}")
+
+
+def _check_weight_spec(layer: str, spec, shape: Tuple[int, int]) -> None:
+    if isinstance(spec, str):
+        if spec not in WEIGHT_INITS:
+            raise ValueError(f"weights for the {layer} layer must be one of {list(WEIGHT_INITS)} or a tensor, got {spec!r}")
+        return
+    if isinstance(spec, Tensor):
+        if tuple(spec.shape) != shape:
+            raise ValueError(f"weights for the {layer} layer must have shape {list(shape)} (out x in), "
+                             f"got {list(spec.shape)}")
+        if not bool(torch.isfinite(spec).all()):
+            raise ValueError(f"weights for the {layer} layer must be finite")
+        return
+    raise TypeError(f"weights for the {layer} layer must be a string or a tensor, got {spec!r}")
+
+
+def _init_linear(lin: nn.Linear, weight, bias) -> None:
     bound = 1.0 / math.sqrt(lin.in_features)
-    if init == "uniform":
+    if isinstance(weight, Tensor):
+        lin.weight.copy_(weight)
+    elif weight == "uniform":
         lin.weight.uniform_(-bound, bound)
-    elif init == "normal":
+    elif weight == "normal":
         lin.weight.normal_(0.0, bound)
     else:
         lin.weight.zero_()
-    if lin.bias is not None:
-        if init == "zero":
-            lin.bias.zero_()
+    if lin.bias is None:
+        return
+    if isinstance(bias, Tensor):
+        lin.bias.copy_(bias)
+    elif bias is True or bias == "uniform":
+        lin.bias.uniform_(-bound, bound)
+    elif bias == "normal":
+        lin.bias.normal_(0.0, bound)
+    else:  # "zero", or None: nn4n's fixed zero bias
+        lin.bias.zero_()
+    if bias is None:
+        lin.bias.requires_grad_(False)
+
+
+def _dale_init(weight: Tensor, sign: Tensor) -> None:
+    """|w|·sign on constrained entries, then balance the summed E and I weight (in place)."""
+    weight.copy_(torch.where(sign != 0, weight.abs() * sign, weight))
+    exc = weight[sign > 0].sum()
+    inh = -weight[sign < 0].sum()
+    if exc > 0 and inh > 0:
+        if exc > inh:
+            weight.copy_(torch.where(sign > 0, weight * (inh / exc), weight))
         else:
-            lin.bias.uniform_(-bound, bound)
+            weight.copy_(torch.where(sign < 0, weight * (exc / inh), weight))
 
 
 def _masks(masks: MaskArg, name: str, linears, allow_vector: bool):
