@@ -56,8 +56,11 @@ def sync(device):
 def interleaved(fns, rounds, device, inner=1):
     """Median seconds per call of each fn, measured in interleaved rounds."""
     times = {k: [] for k in fns}
-    for fn in fns.values():  # warm-up
-        fn()
+    # Warm-up: TorchScript's profiling executor records shapes on the first calls and optimises
+    # the graph after them (the first ~4 calls of a scripted module are several times slower).
+    for _ in range(5):
+        for fn in fns.values():
+            fn()
     sync(device)
     for _ in range(rounds):
         for name, fn in fns.items():

@@ -132,6 +132,10 @@ class RNNLoss(nn.Module):
     6     fr_cv     λ_fr_cv · σ / μ, μ the mean of all rates
     ====  ========  ==========================================================================
 
+    With ``sync_stats=True`` the statistics behind mse, fr, fr_sd and fr_cv are all-reduced over
+    ``process_group`` (default: the world group) so every rank computes the global-batch loss
+    (eager only; see :meth:`_synced_statistics`).
+
     The weights are the live parameters of ``model`` (held as the submodule ``model``). A
     component whose λ is 0 at construction is inactive: never computed, its entry exactly 0.
     The λ values are the float buffer ``lambdas`` (shape [7]); change it at run time to anneal
@@ -150,6 +154,7 @@ class RNNLoss(nn.Module):
     _on: Final[Tuple[bool, bool, bool, bool, bool, bool, bool]]
     _need_states: Final[bool]
     _need_means: Final[bool]
+    sync_stats: Final[bool]
     n_hid: Final[int]
 
     def __init__(
@@ -163,6 +168,8 @@ class RNNLoss(nn.Module):
         lambda_fr: float = 0.0,
         lambda_fr_sd: float = 0.0,
         lambda_fr_cv: float = 0.0,
+        sync_stats: bool = False,
+        process_group=None,
         **unknown: float,
     ) -> None:
         super().__init__()
@@ -174,12 +181,18 @@ class RNNLoss(nn.Module):
                 f"RNNLoss got an unexpected keyword argument {name!r}{hint}; "
                 f"valid keywords are {list(LAMBDA_NAMES)}"
             )
+        if not isinstance(sync_stats, bool):
+            raise TypeError(f"sync_stats must be a bool, got {sync_stats!r}")
+        if process_group is not None and not sync_stats:
+            raise ValueError("process_group is only used with sync_stats=True, got sync_stats=False")
         if not isinstance(model, CTRNN):
             raise TypeError(f"model must be a CTRNN (or a subclass), got {type(model).__name__}")
         values = (lambda_mse, lambda_in, lambda_hid, lambda_out, lambda_fr, lambda_fr_sd, lambda_fr_cv)
         for name, value in zip(LAMBDA_NAMES, values):
             _check_lambda(name, value)
         self.model = model
+        self.sync_stats = sync_stats
+        self.process_group = process_group
         self.component_names = list(COMPONENT_NAMES)
         self.n_hid = model.n_hid
         on = tuple(float(v) > 0.0 for v in values)
@@ -192,6 +205,47 @@ class RNNLoss(nn.Module):
     def active(self) -> List[str]:
         """Names of the components computed by this loss (fixed at construction)."""
         return [name for name, on in zip(COMPONENT_NAMES, self._on) if on]
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this first: refuse clearly instead of failing on a ProcessGroup.
+        if self.sync_stats:
+            raise RuntimeError(_SYNC_EAGER_ONLY)
+        return self
+
+    @torch.jit.unused
+    def _synced_statistics(self, pred: Tensor, label: Tensor, states: Optional[Tensor],
+                           dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """mse, fr, fr_sd, fr_cv over the global batch of every rank in the process group.
+
+        The sums each component needs — squared error and its count, Σr², the per-neuron rate
+        sums and the sample count — are packed into one float64 vector and all-reduced with the
+        autograd-aware ``torch.distributed.nn.functional.all_reduce``. Its backward all-reduces
+        the gradient too, so each rank's gradient is world_size × its share; DDP's averaging
+        then yields exactly the single-process gradient of the global-batch loss.
+        """
+        f64 = torch.float64
+        zero = torch.zeros((), dtype=f64, device=pred.device)
+        sq_err, count, samples, sum_sq = zero, zero, zero, zero
+        col = torch.zeros(self.n_hid, dtype=f64, device=pred.device)
+        if self._on[0]:
+            sq_err = mean_squared_error(pred, label).to(f64) * pred.numel()
+            count = torch.full((), float(pred.numel()), dtype=f64, device=pred.device)
+        if states is not None and self._need_states:
+            r = states.to(accumulation_dtype(states)).reshape(-1, self.n_hid)
+            samples = torch.full((), float(r.size(0)), dtype=f64, device=pred.device)
+            if self._need_means:
+                col = r.sum(dim=0).to(f64)
+            if self._on[4]:
+                sum_sq = mean_square(states).to(f64) * states.numel()
+        packed = torch.cat([torch.stack([sq_err, count, samples, sum_sq]), col])
+        total = _all_reduce_sum(packed, self.process_group or torch.distributed.group.WORLD)
+        mse = (total[0] / total[1]).to(dtype) if self._on[0] else zero.to(dtype)
+        fr = (total[3] / (total[2] * self.n_hid)).to(dtype) if self._on[4] else zero.to(dtype)
+        fr_sd, fr_cv = zero.to(dtype), zero.to(dtype)
+        if self._need_means:
+            sd, cv = rate_sd_cv(total[4:] / total[2])
+            fr_sd, fr_cv = sd.to(dtype), cv.to(dtype)
+        return mse, fr, fr_sd, fr_cv
 
     @torch.jit.export
     def set_lambda(self, name: str, value: float) -> None:
@@ -249,7 +303,15 @@ class RNNLoss(nn.Module):
             dtype = torch.promote_types(dtype, accumulation_dtype(states))
         zero = torch.zeros((), dtype=dtype, device=pred.device)
         mse, c_in, c_hid, c_out, fr, fr_sd, fr_cv = zero, zero, zero, zero, zero, zero, zero
-        if self._on[0]:
+        if self.sync_stats:
+            if _tracing():
+                raise RuntimeError(_SYNC_EAGER_ONLY)
+            mse, fr, sd, cv = self._synced_statistics(pred, label, states, dtype)
+            if self._on[5]:
+                fr_sd = sd
+            if self._on[6]:
+                fr_cv = cv
+        elif self._on[0]:
             mse = mean_squared_error(pred, label).to(dtype)
         if self._on[1]:
             c_in = mean_square(w_in).to(dtype)
@@ -257,7 +319,7 @@ class RNNLoss(nn.Module):
             c_hid = mean_square(w_hid).to(dtype)
         if self._on[3]:
             c_out = mean_square(w_out).to(dtype)
-        if states is not None:
+        if states is not None and not self.sync_stats:
             # The spread first, fr second: autograd runs later ops' backward first, so fr's dense
             # gradient arrives first and the spread's broadcast gradient is added into it in place.
             if self._need_means:
@@ -271,6 +333,28 @@ class RNNLoss(nn.Module):
         raw = torch.stack([mse, c_in, c_hid, c_out, fr, fr_sd, fr_cv])
         components = raw * self.lambdas.to(device=raw.device, dtype=dtype)
         return components.sum(), components
+
+
+def _all_reduce_sum(t: Tensor, group) -> Tensor:
+    """Autograd-aware all-reduce (sum): forward sums over ranks, backward sums the gradients.
+
+    torch >= 2.12 registers autograd for the functional collectives (``all_reduce_backward``) and
+    deprecates ``torch.distributed.nn.functional``; older torch (e.g. 2.11 on the GPU image) has
+    only the latter.
+    """
+    try:
+        from torch.distributed import _functional_collectives as fc
+    except ImportError:  # pragma: no cover
+        fc = None
+    if fc is not None and hasattr(fc, "all_reduce_backward"):
+        return fc.all_reduce(t, "sum", group) * 1  # * 1: a plain tensor, waited for, for what follows
+    from torch.distributed import ReduceOp
+    from torch.distributed.nn.functional import all_reduce
+    return all_reduce(t, op=ReduceOp.SUM, group=group)
+
+
+_SYNC_EAGER_ONLY = ("RNNLoss(sync_stats=True) runs eagerly only: its all-reduce of the statistics cannot be "
+                    "scripted or exported; build the loss with sync_stats=False for TorchScript, ONNX or torch.export")
 
 
 def _check_lambda(name: str, value) -> None:

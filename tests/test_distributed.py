@@ -1,0 +1,129 @@
+"""sync_stats=True: two gloo processes give the single-process loss and, after DDP's averaging,
+the single-process gradients on the concatenated batch; sync_stats=False stays per rank."""
+import os
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from rnnloss import CTRNN, RNNLoss
+
+ALL_ON = dict(lambda_mse=1.0, lambda_in=0.3, lambda_hid=0.5, lambda_out=0.7,
+              lambda_fr=0.11, lambda_fr_sd=0.13, lambda_fr_cv=0.17)
+T, BATCH, DIMS = 6, 8, (3, 10, 2)
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with the gloo backend is not available")
+
+
+def global_batch():
+    g = torch.Generator().manual_seed(7)
+    return torch.randn(T, BATCH, DIMS[0], generator=g), torch.randn(T, BATCH, DIMS[2], generator=g)
+
+
+def fresh_model():
+    torch.manual_seed(0)
+    return CTRNN(DIMS, activation="softplus")
+
+
+def _worker(rank, world, init_file, split, sync, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = fresh_model()
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        loss = RNNLoss(model, sync_stats=sync, **ALL_ON)
+        x, y = global_batch()
+        start = sum(split[:rank])
+        xs, ys = x[:, start:start + split[rank]], y[:, start:start + split[rank]]
+        output, states = ddp(xs)
+        total, comps = loss(output, ys, states)
+        total.backward()  # DDP averages the parameter gradients over the ranks
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        torch.save({"total": total.detach(), "comps": comps.detach(), "grads": grads},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+        del total, comps, output, states  # the graph holds collective work objects
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(tmp_path, split, sync):
+    init_file = tmp_path / "init"
+    mp.spawn(_worker, args=(len(split), str(init_file), split, sync, str(tmp_path)), nprocs=len(split), join=True)
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(len(split))]
+
+
+def single_process(x=None, y=None):
+    model = fresh_model()
+    loss = RNNLoss(model, **ALL_ON)
+    gx, gy = global_batch()
+    x = gx if x is None else x
+    y = gy if y is None else y
+    output, states = model(x)
+    total, comps = loss(output, y, states)
+    total.backward()
+    return total.detach(), comps.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("split", [(4, 4), (3, 5)], ids=["even", "uneven_3+5"])
+def test_synced_loss_and_ddp_gradients_equal_one_process_on_the_whole_batch(tmp_path, split):
+    ranks = run_ranks(tmp_path, split, sync=True)
+    total, comps, grads = single_process()
+    for r in ranks:
+        torch.testing.assert_close(r["total"], total, rtol=1e-5, atol=0)
+        torch.testing.assert_close(r["comps"], comps, rtol=1e-5, atol=0)
+        for name, g in grads.items():
+            # other reduction order (two partial sums + an all-reduce): rtol 1e-4 (DESIGN §6)
+            torch.testing.assert_close(r["grads"][name], g, rtol=1e-4, atol=1e-7, msg=name)
+
+
+@pytest.mark.slow
+def test_default_is_per_rank_statistics(tmp_path):
+    ranks = run_ranks(tmp_path, (3, 5), sync=False)
+    x, y = global_batch()
+    _, whole, _ = single_process()
+    for rank, (start, size) in enumerate(((0, 3), (3, 5))):
+        _, local, _ = single_process(x[:, start:start + size], y[:, start:start + size])
+        torch.testing.assert_close(ranks[rank]["comps"], local, rtol=1e-5, atol=0)
+        assert not torch.allclose(ranks[rank]["comps"][5], whole[5], rtol=1e-3)  # fr_sd is per rank
+
+
+def test_sync_stats_refuses_scripting_and_export_with_a_clear_message():
+    loss = RNNLoss(fresh_model(), lambda_fr_sd=0.1, sync_stats=True)
+    with pytest.raises(RuntimeError, match="runs eagerly only"):
+        torch.jit.script(loss)
+    x, y = global_batch()
+    output, states = loss.model(x)
+    with pytest.raises(Exception, match="runs eagerly only"):
+        torch.export.export(loss, (output.detach(), y, states.detach()))
+    with pytest.raises(ValueError, match="process_group is only used with sync_stats=True"):
+        RNNLoss(fresh_model(), process_group=object())
+
+
+def test_sync_stats_false_scripts_and_exports_as_before(tmp_path):
+    loss = RNNLoss(fresh_model(), lambda_fr_sd=0.1, sync_stats=False)
+    torch.jit.save(torch.jit.script(loss), str(tmp_path / "l.pt"))
+    x, y = global_batch()
+    output, states = loss.model(x)
+    torch.testing.assert_close(torch.jit.load(str(tmp_path / "l.pt"))(output, y, states)[1], loss(output, y, states)[1])
+
+
+@pytest.mark.slow
+def test_ddp_example_runs_with_torchrun(tmp_path):
+    import socket
+    import subprocess
+    from pathlib import Path
+    with socket.socket() as s:  # a free port on the loopback for torchrun's rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    example = Path(__file__).resolve().parents[1] / "examples" / "ddp_train.py"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             f"--master_port={port}", str(example), "--steps", "40", "--global-batch", "9",
+                             "--out", str(tmp_path / "ddp.pt")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "world_size=2 shares=[5, 4]" in result.stdout
+    state = torch.load(tmp_path / "ddp.pt", weights_only=True)
+    assert "recurrent_layer.hidden_layer.weight" in state
