@@ -165,30 +165,48 @@ def check_accuracy(loss, naive, pred, label, states):
             print(f"    accuracy vs float64 ({name}): max rel err {err:.1e} over mse, fr, fr_sd, fr_cv")
 
 
-def bench_training(t, b, n, device, rounds):
+def bench_training(t, b, n, device, rounds, cpp_program=None):
+    """One optimisation step (forward, loss, backward, Adam, enforce_constraints), eager vs
+    scripted in Python, and the C++ program on the same scripted module when it is built."""
+    from rnnloss.trainer import CTRNNTrainer
     torch.manual_seed(0)
     model = CTRNN((3, n, 2)).to(device)
     loss = RNNLoss(model, **ALL_ON)
-    from rnnloss.trainer import CTRNNTrainer
     eager = CTRNNTrainer(loss)
     scripted = torch.jit.script(CTRNNTrainer(loss))
     x = torch.randn(t, b, 3, device=device)
     target = torch.randn(t, b, 2, device=device)
 
     def step(module):
+        opt = torch.optim.Adam(module.parameters(), lr=1e-4)
+
         def run():
             total = module(x, target)[0]
+            opt.zero_grad()
             total.backward()
-            for p in model.parameters():
-                p.grad = None
-            for p in scripted.parameters():
-                p.grad = None
+            opt.step()
+            module.enforce_constraints()
         return run
 
     times = interleaved({"eager": step(eager), "scripted": step(scripted)}, rounds, device)
-    print(f"\ntraining step (CTRNN forward + loss + backward), (T, B, N) = ({t}, {b}, {n}), {device}:")
-    print(f"    eager    {fmt(times['eager'])}")
-    print(f"    scripted {fmt(times['scripted'])}  eager/scripted {times['eager'] / times['scripted']:5.2f}x")
+    print(f"\ntraining step (forward + loss + backward + Adam + constraints), (T, B, N) = ({t}, {b}, {n}), {device}:")
+    print(f"    Python eager     {fmt(times['eager'])}")
+    print(f"    Python scripted  {fmt(times['scripted'])}  eager/scripted {times['eager'] / times['scripted']:5.2f}x")
+    if cpp_program is not None:
+        import re
+        import subprocess
+        with tempfile.TemporaryDirectory() as d:
+            torch.jit.save(torch.jit.script(CTRNNTrainer(loss).cpu()), str(Path(d) / "ctrnn_train.pt"))
+            result = subprocess.run([str(cpp_program), d, "--steps", str(5 + 3 * rounds), "--time", str(t), "--batch",
+                                     str(b), "--device", device, "--log-every", "100000", "--out",
+                                     str(Path(d) / "trained.pt")], capture_output=True, text=True)
+        found = re.search(r"ms_per_step=(\S+)", result.stdout)
+        if found:
+            ms = float(found.group(1)) / 1e3
+            print(f"    C++ (libtorch)   {fmt(ms)}  eager/C++ {times['eager'] / ms:5.2f}x  scripted/C++ "
+                  f"{times['scripted'] / ms:5.2f}x  (same run; its own task data, median after 5 steps)")
+        else:
+            print(f"    C++ (libtorch)   not measured: {cpp_program} failed: {result.stderr.strip()[-200:]}")
 
 
 def main():
@@ -196,6 +214,8 @@ def main():
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--sizes", nargs="*", help="T,B,N triples (default depends on the device)")
+    parser.add_argument("--cpp", default=str(Path(__file__).resolve().parents[1] / "build" / "train_ctrnn"),
+                        help="the built train_ctrnn program for the C++ training-step timing ('' to skip)")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("bench_loss: --device cuda: no CUDA GPU visible")
@@ -205,8 +225,12 @@ def main():
     print(f"rnnloss benchmark: torch {torch.__version__}, {name}, {time.strftime('%Y-%m-%d')}")
     for t, b, n in sizes:
         bench_loss(t, b, n, args.device, args.rounds)
+    cpp = Path(args.cpp) if args.cpp else None
+    if cpp is not None and not cpp.exists():
+        print(f"\n(C++ training step not measured: {cpp} is not built; `make cpp` builds it)")
+        cpp = None
     for t, b, n in [(100, 16, 64), (100, 64, 256)]:
-        bench_training(t, b, n, args.device, max(3, args.rounds // 3))
+        bench_training(t, b, n, args.device, max(3, args.rounds // 3), cpp)
 
 
 if __name__ == "__main__":

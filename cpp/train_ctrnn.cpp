@@ -1,4 +1,5 @@
 // train_ctrnn ARTIFACT_DIR [--steps N] [--device cpu|cuda] [--out FILE] [--log-every K] [--seed S]
+//             [--time T] [--batch B]
 //
 // Trains the CTRNN in ARTIFACT_DIR/ctrnn_train.pt from C++ on a perceptual decision task:
 // noisy evidence for one of N_out choices on the first input channels, a fixation cue on the
@@ -7,9 +8,12 @@
 // its initial value) by writing the `lambdas` buffer. Ends with
 //   initial_mse=<float> final_mse=<float> steps=<int>
 // and exits 0 only if the final MSE (on a fixed evaluation batch) is at most half the initial.
+// It also prints ms_per_step=<median wall time of a training step after the first 5 steps>.
 #include <torch/script.h>
 #include <torch/torch.h>
 
+#include <algorithm>
+#include <chrono>
 #include <cstdlib>
 #include <iomanip>
 #include <iostream>
@@ -45,7 +49,7 @@ torch::Tensor layout(const torch::Tensor& t, bool batch_first) {
 
 void usage() {
   std::cerr << "usage: train_ctrnn ARTIFACT_DIR [--steps N] [--device cpu|cuda] [--out FILE]"
-               " [--log-every K] [--seed S]\n";
+               " [--log-every K] [--seed S] [--time T] [--batch B]\n";
 }
 
 }  // namespace
@@ -56,7 +60,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   std::string dir = argv[1], out_path = dir + "/ctrnn_trained.pt", device_name = "cpu";
-  int64_t steps = 300, log_every = 50, seed = 0;
+  int64_t steps = 300, log_every = 50, seed = 0, time = 50, batch = 32;
   for (int i = 2; i < argc; ++i) {
     std::string arg = argv[i];
     if (i + 1 >= argc) {
@@ -69,12 +73,14 @@ int main(int argc, char** argv) {
     else if (arg == "--out") out_path = val;
     else if (arg == "--log-every") log_every = std::atoll(val.c_str());
     else if (arg == "--seed") seed = std::atoll(val.c_str());
+    else if (arg == "--time") time = std::atoll(val.c_str());
+    else if (arg == "--batch") batch = std::atoll(val.c_str());
     else {
       usage();
       return 2;
     }
   }
-  if (steps <= 0 || log_every <= 0 || (device_name != "cpu" && device_name != "cuda")) {
+  if (steps <= 0 || log_every <= 0 || time < 5 || batch <= 0 || (device_name != "cpu" && device_name != "cuda")) {
     usage();
     return 2;
   }
@@ -100,7 +106,6 @@ int main(int argc, char** argv) {
     torch::optim::Adam opt(params, torch::optim::AdamOptions(1e-2));
 
     auto gen = at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(seed));
-    const int64_t time = 50, batch = 32;
     Task eval = make_trials(time, batch, dims[0], dims[2], gen);
     auto eval_x = layout(eval.x, batch_first).to(device), eval_t = layout(eval.target, batch_first).to(device);
     auto mse_on_eval = [&]() {
@@ -112,20 +117,24 @@ int main(int argc, char** argv) {
     };
     double initial = mse_on_eval();
 
+    std::vector<double> step_ms;
     for (int64_t step = 1; step <= steps; ++step) {
       {  // anneal λ_fr through the buffer
         torch::NoGradGuard no_grad;
         lambdas[fr].fill_(lambda_fr0 * (1.0 - 0.9 * static_cast<double>(step - 1) / std::max<int64_t>(steps - 1, 1)));
       }
       Task trials = make_trials(time, batch, dims[0], dims[2], gen);
-      auto out = module.forward({layout(trials.x, batch_first).to(device), layout(trials.target, batch_first).to(device)})
-                     .toTuple();
+      auto x = layout(trials.x, batch_first).to(device), target = layout(trials.target, batch_first).to(device);
+      auto t0 = std::chrono::steady_clock::now();  // timed: forward, backward, step, constraints
+      auto out = module.forward({x, target}).toTuple();
       auto total = out->elements()[0].toTensor();
       auto components = out->elements()[1].toTensor();
       opt.zero_grad();
       total.backward();
       opt.step();
       module.run_method("enforce_constraints");
+      if (device.is_cuda()) torch::cuda::synchronize();
+      step_ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
       if (step == 1 || step % log_every == 0 || step == steps) {
         auto c = components.detach().cpu();
         std::cout << "step " << step << " total=" << std::setprecision(6) << total.item<double>();
@@ -135,6 +144,10 @@ int main(int argc, char** argv) {
       }
     }
     double final_mse = mse_on_eval();
+    // Median step time once TorchScript's profiling executor has optimised the graph.
+    std::vector<double> steady(step_ms.begin() + std::min<size_t>(5, step_ms.size() - 1), step_ms.end());
+    std::nth_element(steady.begin(), steady.begin() + steady.size() / 2, steady.end());
+    std::cout << "ms_per_step=" << steady[steady.size() / 2] << "\n";
     module.to(torch::kCPU);
     module.save(out_path);
     std::cout << "saved " << out_path << "\n";
