@@ -36,7 +36,8 @@ def mean_square(x: Tensor) -> Tensor:
     temporary (fresh pages on the CPU) and its backward two more. Here instead:
 
     - the value is summed chunk by chunk along dim 0, one ``dot(chunk, chunk)`` per ~2^18
-      elements (no temporary; float32 error ~1e-8 per chunk), the chunk sums added in float64;
+      elements on the CPU (no temporary; float32 error ~1e-8 per chunk; one dot per 2^30 on
+      CUDA, whose tree reduction is accurate), the chunk sums added in float64;
     - the gradient :math:`2x/n` comes from a surrogate ``s = (2/n)·dot(x, x.detach())`` added as
       ``s − s.detach()`` — exactly 0 in value (for finite s) and exactly :math:`2x/n` in
       gradient, one fused pass backward. It is built only when a gradient is wanted.
@@ -49,9 +50,11 @@ def mean_square(x: Tensor) -> Tensor:
     if _tracing() or x.dim() == 0:
         xa = x.to(acc)
         return (xa * xa).mean()
-    # Chunks of about 2^18 elements: one BLAS dot each (no temporary at all), and short enough that
-    # its float32 accumulation stays exact to ~1e-8 relative; the chunk sums are added in float64.
-    rows = max(1, 262144 // max(1, n // x.size(0)))
+    # CPU: chunks of about 2^18 elements, one BLAS dot each (no temporary at all), short enough
+    # that its float32 accumulation stays exact to ~1e-8 relative; chunk sums added in float64.
+    # CUDA: cuBLAS reduces in a tree (error ~log n·ε), so one dot per 2^30 elements (one launch).
+    chunk_elements = 1073741824 if x.is_cuda else 262144
+    rows = max(1, chunk_elements // max(1, n // x.size(0)))
     xd = x.detach()
     parts: List[Tensor] = []
     for start in range(0, x.size(0), rows):

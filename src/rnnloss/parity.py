@@ -88,25 +88,25 @@ def _loss_outputs_and_grads(fn: Callable, loss_params: Dict[str, torch.Tensor], 
     return [total, comps], named
 
 
-def _compare_loss(row: Row, eager, runtime, runtime_params, shapes, device, with_grads=True):
+def _compare_loss(row: Row, eager, runtime, runtime_params, shapes, device, eager_cpu):
+    """Values and gradients (pred, states, trainable parameters) of ``runtime`` vs ``eager``.
+
+    Inputs are sampled with the CPU model (its generator is a CPU one) and moved to ``device``.
+    """
     eager_params = trainable(eager)
     for i, (t, b) in enumerate(shapes):
-        pred, label, states = _inputs(eager, t, b, seed=100 + i, device=device)
-        if with_grads:
-            ref, ref_g = _loss_outputs_and_grads(eager, eager_params, pred, label, states)
-            got, got_g = _loss_outputs_and_grads(runtime, runtime_params, pred, label, states)
-            for key, g in ref_g.items():
-                if g is None or got_g.get(key) is None:
-                    if (g is None) != (got_g.get(key) is None):
-                        raise AssertionError(f"gradient {key} present in only one of eager and runtime")
-                    continue
-                row.update(got_g[key], g)
-        else:
-            with torch.no_grad():
-                ref, got = eager(pred, label, states), runtime(pred, label, states)
+        pred, label, states = _inputs(eager_cpu, t, b, seed=100 + i, device=device)
+        ref, ref_g = _loss_outputs_and_grads(eager, eager_params, pred, label, states)
+        got, got_g = _loss_outputs_and_grads(runtime, runtime_params, pred, label, states)
+        for key, g in ref_g.items():
+            if g is None or got_g.get(key) is None:
+                if (g is None) != (got_g.get(key) is None):
+                    raise AssertionError(f"gradient {key} present in only one of eager and runtime")
+                continue
+            row.update(got_g[key], g)
         for a, r in zip(got, ref):
             row.update(a, r)
-    row.checked = f"{len(shapes)} shapes (T,B) {shapes}" + (", values + gradients" if with_grads else ", values")
+    row.checked = f"{len(shapes)} shapes (T,B) {shapes}, values + gradients"
 
 
 def trainable(module) -> Dict[str, torch.Tensor]:
@@ -134,7 +134,7 @@ def check_artifacts(folder: Path, eager_cpu, config: Dict[str, Any], devices: Se
 
         def torchscript_loss(row, eager=eager, device=device):
             scripted = torch.jit.load(str(folder / LOSS_PT), map_location=device)
-            _compare_loss(row, eager, scripted, trainable(scripted), shapes, device)
+            _compare_loss(row, eager, scripted, trainable(scripted), shapes, device, eager_cpu)
 
         def torchscript_train(row, eager=eager, device=device):
             scripted = torch.jit.load(str(folder / TRAIN_PT), map_location=device)
@@ -158,7 +158,7 @@ def check_artifacts(folder: Path, eager_cpu, config: Dict[str, Any], devices: Se
                 from torch.export.passes import move_to_device_pass
                 program = move_to_device_pass(program, device)
             module = program.module()
-            _compare_loss(row, eager, module, trainable(module), shapes, device)
+            _compare_loss(row, eager, module, trainable(module), shapes, device, eager_cpu)
 
         _check(rows, Row(LOSS_PT, "torchscript", device, rtol=SAME_KERNELS), torchscript_loss)
         _check(rows, Row(TRAIN_PT, "torchscript", device, rtol=SAME_KERNELS), torchscript_train)
