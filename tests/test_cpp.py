@@ -98,7 +98,9 @@ def test_train_ctrnn_halves_the_mse_anneals_and_keeps_the_masks(programs, tmp_pa
     assert not torch.equal(w_hid, model.recurrent_layer.hidden_layer.weight)  # it did train
     # λ_fr was annealed through the buffer to a tenth of its initial value, and took effect.
     assert trained.loss.lambdas[4].item() == pytest.approx(1e-3, rel=1e-5)
-    assert "lambda_fr=0.001" in result.stdout.splitlines()[-3]
+    last_log = [line for line in result.stdout.splitlines() if line.startswith("step 200 ")]
+    assert len(last_log) == 1 and last_log[0].endswith("lambda_fr=0.001")
+    assert re.search(r"^ms_per_step=\d", result.stdout, flags=re.M)
 
 
 def test_train_ctrnn_rejects_bad_arguments(programs, tmp_path):

@@ -178,12 +178,10 @@ class RNNLoss(nn.Module):
         super().__init__()
         if unknown:
             name = sorted(unknown)[0]
-            close = difflib.get_close_matches(name, LAMBDA_NAMES, n=1)
+            valid = list(LAMBDA_NAMES) + ["sync_stats", "process_group"]
+            close = difflib.get_close_matches(name, valid, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise TypeError(
-                f"RNNLoss got an unexpected keyword argument {name!r}{hint}; "
-                f"valid keywords are {list(LAMBDA_NAMES)}"
-            )
+            raise TypeError(f"RNNLoss got an unexpected keyword argument {name!r}{hint}; valid keywords are {valid}")
         if not isinstance(sync_stats, bool):
             raise TypeError(f"sync_stats must be a bool, got {sync_stats!r}")
         if process_group is not None and not sync_stats:
@@ -221,8 +219,8 @@ class RNNLoss(nn.Module):
         """mse, fr, fr_sd, fr_cv over the global batch of every rank in the process group.
 
         The sums each component needs — squared error and its count, Σr², the per-neuron rate
-        sums and the sample count — are packed into one float64 vector and all-reduced with the
-        autograd-aware ``torch.distributed.nn.functional.all_reduce``. Its backward all-reduces
+        sums and the sample count — are packed into one float64 vector and all-reduced with an
+        autograd-aware all-reduce (:func:`_all_reduce_sum`). Its backward all-reduces
         the gradient too, so each rank's gradient is world_size × its share; DDP's averaging
         then yields exactly the single-process gradient of the global-batch loss.
         """
