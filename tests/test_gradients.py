@@ -135,6 +135,12 @@ def test_non_finite_inputs_propagate_to_every_component_that_reads_them(where, b
     assert not torch.isfinite(total)
     if where == "states":
         assert torch.isnan(comps[5]) and torch.isnan(comps[6])  # never masked to 0 by the σ = 0 guard
+        # fr is inf for an infinite rate and NaN for a NaN, with or without a gradient wanted
+        # (the gradient surrogate must not turn inf into inf − inf = NaN).
+        states = inputs["states"].clone().requires_grad_(True)
+        with_grad = loss(inputs["pred"], inputs["label"], states)[1].detach()
+        for fr in (comps[4].item(), with_grad[4].item()):
+            assert fr == float("inf") if bad == float("inf") else fr != fr
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, CUDA])])

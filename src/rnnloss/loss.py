@@ -39,8 +39,9 @@ def mean_square(x: Tensor) -> Tensor:
       elements on the CPU (no temporary; float32 error ~1e-8 per chunk; one dot per 2^30 on
       CUDA, whose tree reduction is accurate), the chunk sums added in float64;
     - the gradient :math:`2x/n` comes from a surrogate ``s = (2/n)·dot(x, x.detach())`` added as
-      ``s − s.detach()`` — exactly 0 in value (for finite s) and exactly :math:`2x/n` in
-      gradient, one fused pass backward. It is built only when a gradient is wanted.
+      ``s − s.detach()`` — exactly 0 in value (and dropped where s is not finite, so an infinite
+      rate gives inf, not inf − inf) and exactly :math:`2x/n` in gradient, one fused pass
+      backward. It is built only when a gradient is wanted.
 
     Under torch.export / ONNX export (no data-dependent loops) the plain expression is used; the
     parity suite checks that both give the same numbers.
@@ -65,7 +66,9 @@ def mean_square(x: Tensor) -> Tensor:
     if torch.is_grad_enabled() and x.requires_grad:
         flat = x.reshape(-1).to(acc)
         surrogate = torch.dot(flat, flat.detach()) * (2.0 / n)
-        value = value + (surrogate - surrogate.detach())
+        # s − s.detach() is 0 for finite s; where s overflows, keep the value (inf stays inf).
+        offset = surrogate - surrogate.detach()
+        value = value + torch.where(torch.isfinite(surrogate), offset, torch.zeros_like(offset))
     return value
 
 
