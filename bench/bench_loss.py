@@ -73,6 +73,28 @@ def interleaved(fns, rounds, device, inner=1):
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def consecutive(fns, rounds, device):
+    """Median seconds per call with each fn run ``rounds`` times in a row (after a warm-up).
+
+    Interleaving is fairer between variants, but a variant that frees large blocks slows the
+    next one's memory traffic (here the floor read 1.5 ms alone and 3–7 ms interleaved), so the
+    forward ratios to the floor are printed both ways.
+    """
+    out = {}
+    for name, fn in fns.items():
+        for _ in range(5):
+            fn()
+        sync(device)
+        ts = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            ts.append(time.perf_counter() - t0)
+        out[name] = statistics.median(ts)
+    return out
+
+
 def fmt(seconds):
     return f"{seconds * 1e3:9.3f} ms" if seconds >= 1e-3 else f"{seconds * 1e6:9.1f} µs"
 
@@ -115,12 +137,18 @@ def bench_loss(t, b, n, device, rounds):
             with tempfile.TemporaryDirectory() as d:
                 path = Path(d) / "loss.onnx"
                 export.export_onnx(loss, (pred[:5, :3], label[:5, :3], states[:5, :3]), path, opset=None)
-                session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+                options = ort.SessionOptions()
+                # ORT's idle threads spin for a while after each run and would steal the 2 cores
+                # from whatever the interleaved bench runs next (the floor read 23 ms instead of 1.5).
+                options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+                options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+                session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
             feeds = {"pred": pred.numpy(), "label": label.numpy(), "states": states.numpy()}
             fns["ours onnxruntime"] = lambda: session.run(None, feeds)
         except ImportError as e:
             ort_note = f"(onnxruntime not run: {e})"
     fwd_times = interleaved(fns, rounds, device)
+    alone = consecutive({k: fns[k] for k in ("floor", "ours eager", "ours scripted")}, rounds, device)
     bwd_times = interleaved({"floor (read states, write grad)": lambda: torch.mul(states, 2.0),
                              "ours eager": fwd_bwd(loss), "ours scripted": fwd_bwd(scripted),
                              "naive": fwd_bwd(naive)}, rounds, device)
@@ -129,6 +157,10 @@ def bench_loss(t, b, n, device, rounds):
     for k, v in fwd_times.items():
         extra = "" if k == "floor" or k == "naive" else \
             f"  ours/floor {v / fwd_times['floor']:5.2f}x  naive/ours {fwd_times['naive'] / v:5.2f}x"
+        print(f"    {k:34s} {fmt(v)}{extra}")
+    print("  forward, each variant run alone (no interleaving):")
+    for k, v in alone.items():
+        extra = "" if k == "floor" else f"  ours/floor {v / alone['floor']:5.2f}x"
         print(f"    {k:34s} {fmt(v)}{extra}")
     print("  forward + backward:")
     fl = bwd_times["floor (read states, write grad)"]
