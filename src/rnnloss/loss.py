@@ -43,14 +43,21 @@ def mean_square(x: Tensor) -> Tensor:
       rate gives inf, not inf − inf) and exactly :math:`2x/n` in gradient, one fused pass
       backward. It is built only when a gradient is wanted.
 
-    Under torch.export / ONNX export (no data-dependent loops) the plain expression is used; the
-    parity suite checks that both give the same numbers.
+    Under torch.export / ONNX export (no data-dependent loops) the value is the sum of squared
+    norms over the last axis instead; the parity suite checks that both give the same numbers,
+    and that ONNX Runtime meets the 1e-5 accuracy bound at 10^7 elements.
     """
     acc = accumulation_dtype(x)
     n = x.numel()
-    if _tracing() or x.dim() == 0:
+    if x.dim() == 0:
         xa = x.to(acc)
-        return (xa * xa).mean()
+        return xa * xa
+    if _tracing():
+        # Exported graphs: norms over the last axis (ONNX ReduceL2: one pass, no x² temporary),
+        # then the sum of their squares. Reducing one axis at a time also keeps ONNX Runtime
+        # accurate: its single flat ReduceMean of x² is off by 1e-3 at 16 M elements.
+        norms = torch.linalg.vector_norm(x.to(acc), dim=-1)
+        return (norms * norms).sum() / n
     # CPU: chunks of about 2^18 elements, one BLAS dot each (no temporary at all), short enough
     # that its float32 accumulation stays exact to ~1e-8 relative; chunk sums added in float64.
     # CUDA: cuBLAS reduces in a tree (error ~log n·ε), so one dot per 2^30 elements (one launch).
