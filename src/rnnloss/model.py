@@ -313,8 +313,12 @@ class CTRNN(nn.Module):
         alpha_vec = self.recurrent_layer.alpha
         r = self._activate(v)
         rates = []
+        # unbind, not drive[t]: the backward of each select would zero-fill a full (T, B, N_hid)
+        # tensor per step (O(T²) memory traffic, most of a training step); unbind's backward
+        # stacks the step gradients once.
+        drive_steps = drive.unbind(0)
         for t in range(steps):
-            pre = torch.addmm(drive[t], r, w_hid_t)
+            pre = torch.addmm(drive_steps[t], r, w_hid_t)
             if noisy_pre:
                 pre = pre + self.preact_noise * torch.randn_like(pre)
             if alpha_vec is not None:
