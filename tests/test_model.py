@@ -193,3 +193,20 @@ def test_dale_initialisation_balances_excitation_and_inhibition():
     assert torch.all(w[:, :8] >= 0) and torch.all(w[:, 8:] <= 0)
     assert torch.count_nonzero(w) == w.numel()  # signs imposed by |w|·sign, nothing zeroed
     torch.testing.assert_close(w[:, :8].sum(), -w[:, 8:].sum())
+
+
+def test_backward_graph_has_no_per_step_select_of_the_input_drive():
+    # Indexing the (T, B, N) drive per step makes each step's backward zero-fill a full (T, B, N)
+    # tensor (O(T²) memory traffic, once half a training step); the model unbinds it once instead.
+    model = make_model((3, 8, 2))
+    output, states = model(torch.randn(12, 2, 3))
+    seen, stack, kinds = set(), [states.grad_fn], []
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        kinds.append(type(fn).__name__)
+        stack.extend(next_fn for next_fn, _ in fn.next_functions)
+    assert kinds.count("SelectBackward0") == 0
+    assert kinds.count("UnbindBackward0") == 1
