@@ -119,3 +119,36 @@ def test_package_loads_with_weights_only_except_the_explicit_trust_opt_in():
     text = (src / "nn4n.py").read_text()
     guard = text.index("if not trust_checkpoint:")
     assert guard < text.index("weights_only=False") and "warnings.warn" in text[guard:]
+
+
+_SCRIPTED_FOR_ERRORS = {}
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pred_shape=st.lists(st.integers(0, 3), min_size=1, max_size=4),
+       label_shape=st.lists(st.integers(0, 3), min_size=1, max_size=4),
+       states_last=st.integers(1, 6), states_lead=st.integers(0, 4), seed=st.integers(0, 100))
+def test_any_input_gives_a_value_or_the_documented_error_identically_eager_and_scripted(
+        pred_shape, label_shape, states_last, states_lead, seed):
+    # N_hid = 4: states with another last dimension, shape mismatches and empty tensors must
+    # raise the same message eager and scripted; valid inputs must give the same numbers.
+    if "loss" not in _SCRIPTED_FOR_ERRORS:
+        eager = RNNLoss(make_model((2, 4, 3)), lambda_fr=0.5, lambda_fr_sd=0.5)
+        _SCRIPTED_FOR_ERRORS.update(loss=eager, scripted=torch.jit.script(eager))
+    eager, scripted = _SCRIPTED_FOR_ERRORS["loss"], _SCRIPTED_FOR_ERRORS["scripted"]
+    g = torch.Generator().manual_seed(seed)
+    pred = torch.randn(pred_shape, generator=g)
+    label = torch.randn(label_shape, generator=g)
+    states = torch.rand([states_lead, states_last] if states_lead else [states_last], generator=g)
+    try:
+        expected = eager(pred, label, states)
+    except (ValueError, TypeError) as e:
+        with pytest.raises(torch.jit.Error) as err:
+            scripted(pred, label, states)
+        assert str(e) in str(err.value)
+        valid = pred_shape == label_shape and 0 not in pred_shape and states_last == 4  # 1-D states: one sample
+        assert not valid, f"valid input refused: {e}"
+        return
+    assert pred_shape == label_shape and states_last == 4
+    got = scripted(pred, label, states)
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-6, atol=0)
