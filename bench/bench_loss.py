@@ -87,25 +87,12 @@ def interleaved(fns, rounds, device, inner=1):
 
 
 def consecutive(fns, rounds, device):
-    """Median seconds per call with each fn run ``rounds`` times in a row (after a warm-up).
+    """Median seconds per call with each fn run ``rounds`` times in a row (after its warm-up).
 
     Interleaving is fairer between variants, but a variant that frees large blocks slows the
-    next one's memory traffic (here the floor read 1.5 ms alone and 3–7 ms interleaved), so the
-    forward ratios to the floor are printed both ways.
+    next one's memory traffic, so the forward ratios to the floor are printed both ways.
     """
-    out = {}
-    for name, fn in fns.items():
-        for _ in range(5):
-            fn()
-        sync(device)
-        ts = []
-        for _ in range(rounds):
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            ts.append(time.perf_counter() - t0)
-        out[name] = statistics.median(ts)
-    return out
+    return {name: interleaved({name: fn}, rounds, device)[name] for name, fn in fns.items()}
 
 
 def fmt(seconds):

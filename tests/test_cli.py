@@ -55,11 +55,17 @@ def test_missing_config_file_is_a_clear_error(tmp_path):
     assert result.returncode == 2 and "--config: cannot read" in result.stderr
 
 
-def test_existing_non_empty_output_is_untouched_without_force(tmp_path):
+def previous_output(tmp_path, name, text):
+    """An artifacts folder from an earlier run, holding one file, and the small config beside it."""
     out = tmp_path / "artifacts"
     out.mkdir()
-    (out / "keep.txt").write_text("previous work")
+    (out / name).write_text(text)
     (tmp_path / "c.json").write_text(json.dumps(SMALL))
+    return out
+
+
+def test_existing_non_empty_output_is_untouched_without_force(tmp_path):
+    out = previous_output(tmp_path, "keep.txt", "previous work")
     result = cli("--config", "c.json", "--out", "artifacts", cwd=tmp_path)
     assert result.returncode == 2 and "pass --force" in result.stderr
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
@@ -75,10 +81,7 @@ def test_unwritable_output_is_a_clear_error(tmp_path):
 
 
 def test_force_replaces_and_prints_an_all_pass_table(tmp_path):
-    out = tmp_path / "artifacts"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
-    (tmp_path / "c.json").write_text(json.dumps(SMALL))
+    out = previous_output(tmp_path, "old.txt", "old")
     result = cli("--config", "c.json", "--out", "artifacts", "--force", "--device", "cpu", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert sorted(p.name for p in out.iterdir()) == sorted(export.ARTIFACTS)
@@ -107,10 +110,7 @@ def test_cuda_requested_without_a_gpu_is_refused(tmp_path):
 
 
 def test_killed_export_leaves_the_previous_artifacts_intact(tmp_path):
-    out = tmp_path / "artifacts"
-    out.mkdir()
-    (out / "previous.txt").write_text("previous")
-    (tmp_path / "c.json").write_text(json.dumps(SMALL))
+    out = previous_output(tmp_path, "previous.txt", "previous")
     proc = subprocess.Popen([sys.executable, str(ROOT / "export" / "export.py"), "--config", "c.json",
                              "--out", "artifacts", "--force"], cwd=tmp_path, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)

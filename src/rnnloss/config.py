@@ -10,8 +10,6 @@ from importlib import resources
 from typing import Any, Dict
 
 from .loss import LAMBDA_NAMES
-
-LAMBDA_KEYS = LAMBDA_NAMES
 from .model import ACTIVATIONS, INIT_STATES
 
 

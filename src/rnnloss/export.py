@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import config as config_mod
-from .loss import COMPONENT_NAMES, RNNLoss
+from .loss import COMPONENT_NAMES, LAMBDA_NAMES, RNNLoss
 from .model import CTRNN
 from .trainer import CTRNNTrainer
 
@@ -133,7 +133,7 @@ def write_artifacts(config: Dict[str, Any], folder: Path) -> Dict[str, Any]:
     n_in, n_hid, n_out = config["model"]["dims"]
     return {
         "component_names": list(COMPONENT_NAMES),
-        "lambdas": {name: config["loss"][key] for name, key in zip(COMPONENT_NAMES, config_mod.LAMBDA_KEYS)},
+        "lambdas": {name: config["loss"][key] for name, key in zip(COMPONENT_NAMES, LAMBDA_NAMES)},
         "active": loss.active,
         "dims": {"n_in": n_in, "n_hid": n_hid, "n_out": n_out},
         "inputs": {"pred": [first, second, n_out], "label": [first, second, n_out], "states": [first, second, n_hid]},
@@ -153,17 +153,23 @@ class OutputExists(Exception):
     pass
 
 
+def _refuse_existing(out: Path, force: bool) -> bool:
+    """Raise unless ``out`` may be written; returns whether it holds files to replace."""
+    if out.exists() and not out.is_dir():
+        raise OutputExists(f"--out {out} exists and is not a folder")
+    occupied = out.is_dir() and any(out.iterdir())
+    if occupied and not force:
+        raise OutputExists(f"--out {out} exists and is not empty; pass --force to replace it")
+    return occupied
+
+
 def install(tmp: Path, out: Path, force: bool) -> None:
     """Move the finished ``tmp`` folder to ``out``; an existing non-empty ``out`` needs ``force``.
 
     The old folder is renamed aside first and removed only after the new one is in place, so an
     interruption leaves either the old or the new artifacts, never a mixture.
     """
-    if out.exists() and not out.is_dir():
-        raise OutputExists(f"--out {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        if not force:
-            raise OutputExists(f"--out {out} exists and is not empty; pass --force to replace it")
+    if _refuse_existing(out, force):
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
         os.rename(out, old / out.name)
         os.rename(tmp, out)
@@ -180,10 +186,7 @@ def run(config: Dict[str, Any], out: Path, *, force: bool, device: str, stream=N
 
     stream = stream or sys.stdout
     out = out.resolve()
-    if out.exists() and not out.is_dir():
-        raise OutputExists(f"--out {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise OutputExists(f"--out {out} exists and is not empty; pass --force to replace it")
+    _refuse_existing(out, force)  # before the minutes of exporting; install() checks again
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

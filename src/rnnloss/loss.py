@@ -16,7 +16,6 @@ from .model import CTRNN
 
 COMPONENT_NAMES: Tuple[str, ...] = ("mse", "in", "hid", "out", "fr", "fr_sd", "fr_cv")
 LAMBDA_NAMES: Tuple[str, ...] = tuple("lambda_" + name for name in COMPONENT_NAMES)
-LAMBDA_DEFAULTS = {"lambda_mse": 1.0, **{name: 0.0 for name in LAMBDA_NAMES[1:]}}
 
 
 def _tracing() -> bool:
@@ -85,16 +84,22 @@ def mean_squared_error(pred: Tensor, label: Tensor) -> Tensor:
     return F.mse_loss(pred.to(acc), label.to(acc))
 
 
-def neuron_mean_rates(states: Tensor) -> Tensor:
-    r"""Per-neuron mean rate :math:`\bar r_i = \frac{1}{M}\sum_{s} r_{s,i}` over all M samples.
+def neuron_rate_sums(states: Tensor) -> Tuple[Tensor, int]:
+    r"""Per-neuron rate sums :math:`\sum_{s} r_{s,i}` over all M samples, and M.
 
     ``states`` is (…, N_hid); every leading index (batch, time, …) is a sample. One reduction
     over the sample axis; its backward is a broadcast view, not a materialised tensor.
     """
     r = states.to(accumulation_dtype(states))
     r2 = r.reshape(-1, r.size(-1))
+    return r2.sum(dim=0), r2.size(0)
+
+
+def neuron_mean_rates(states: Tensor) -> Tensor:
+    r"""Per-neuron mean rate :math:`\bar r_i = \frac{1}{M}\sum_{s} r_{s,i}` over all M samples."""
+    sums, samples = neuron_rate_sums(states)
     # sum, then divide the N-vector: mean's backward would divide a full-size broadcast instead.
-    return r2.sum(dim=0) / r2.size(0)
+    return sums / samples
 
 
 def rate_sd_cv(mean_rates: Tensor) -> Tuple[Tensor, Tensor]:
@@ -242,10 +247,9 @@ class RNNLoss(nn.Module):
             sq_err = mean_squared_error(pred, label).to(f64) * pred.numel()
             count = torch.full((), float(pred.numel()), dtype=f64, device=pred.device)
         if states is not None and self._need_states:
-            r = states.to(accumulation_dtype(states)).reshape(-1, self.n_hid)
-            samples = torch.full((), float(r.size(0)), dtype=f64, device=pred.device)
+            samples = torch.full((), float(states.numel() // self.n_hid), dtype=f64, device=pred.device)
             if self._need_means:
-                col = r.sum(dim=0).to(f64)
+                col = neuron_rate_sums(states)[0].to(f64)
             if self._on[4]:
                 sum_sq = mean_square(states).to(f64) * states.numel()
         packed = torch.cat([torch.stack([sq_err, count, samples, sum_sq]), col])
@@ -331,8 +335,8 @@ class RNNLoss(nn.Module):
         if self._on[3]:
             c_out = mean_square(w_out).to(dtype)
         if states is not None and not self.sync_stats:
-            # The spread first, fr second: autograd runs later ops' backward first, so fr's dense
-            # gradient arrives first and the spread's broadcast gradient is added into it in place.
+            # Both paths send states a gradient: fr a dense one, the spread a broadcast one, which
+            # autograd adds out of place whatever the order (measured; see BENCHMARKS.md).
             if self._need_means:
                 sd, cv = rate_sd_cv(neuron_mean_rates(states))
                 if self._on[5]:
