@@ -22,11 +22,12 @@ import torch
 from . import config as config_mod
 from .loss import COMPONENT_NAMES, LAMBDA_NAMES, RNNLoss
 from .model import CTRNN
+from .native import NATIVE, save_native
 from .trainer import CTRNNTrainer
 
 LOSS_PT, TRAIN_PT, LOSS_ONNX, LOSS_PT2, MANIFEST = (
     "rnn_loss.pt", "ctrnn_train.pt", "rnn_loss.onnx", "rnn_loss.pt2", "manifest.json")
-ARTIFACTS = (LOSS_PT, TRAIN_PT, LOSS_ONNX, LOSS_PT2, MANIFEST)
+ARTIFACTS = (LOSS_PT, TRAIN_PT, LOSS_ONNX, LOSS_PT2, NATIVE, MANIFEST)
 INPUT_NAMES = ("pred", "label", "states")
 OUTPUT_NAMES = ("total", "components")
 
@@ -129,6 +130,7 @@ def write_artifacts(config: Dict[str, Any], folder: Path) -> Dict[str, Any]:
     export_torchscript(CTRNNTrainer(loss), folder / TRAIN_PT)
     export_pt2(loss, example, folder / LOSS_PT2)
     opset = export_onnx(loss, example, folder / LOSS_ONNX, config["opset"])
+    save_native(loss, folder / NATIVE)
     first, second = axis_names(loss.model.batch_first)
     n_in, n_hid, n_out = config["model"]["dims"]
     return {

@@ -1,0 +1,206 @@
+#include <rnnloss/loss.h>
+
+#include "checks.h"
+
+#include <c10/util/Exception.h>
+#include <torch/torch.h>
+
+#include <cmath>
+#include <limits>
+
+namespace rnnloss {
+
+using detail::accumulation_dtype;
+using detail::py_float;
+using detail::shape_of;
+
+const std::vector<std::string>& component_names() {
+  static const std::vector<std::string> names = {"mse", "in", "hid", "out", "fr", "fr_sd", "fr_cv"};
+  return names;
+}
+
+namespace {
+
+enum Index { kMse = 0, kIn, kHid, kOut, kFr, kFrSd, kFrCv };
+
+// ---- The formulas (each once; the Python module rnnloss.loss holds the same, with its math). ----
+
+// Mean of squares over every element, (1/n) Σ_k x_k²: the weight penalties ‖W‖²_F / (rows·cols)
+// and fr (the mean of r², not the square of the mean).
+torch::Tensor mean_square(const torch::Tensor& x) { return x.to(accumulation_dtype(x)).square().mean(); }
+
+// mse: (1/n) Σ_k (ŷ_k − y_k)² over every element; with weights w (shaped like pred, or like pred
+// without its last axis, one weight for all N_out outputs of a sample):
+// Σ w·(ŷ − y)² / Σ w, the per-sample sum counted N_out times. Σ w = 0 gives 0 with a zero gradient.
+torch::Tensor mean_squared_error(const torch::Tensor& pred, const torch::Tensor& label, const torch::Tensor& mask) {
+  auto acc = torch::promote_types(accumulation_dtype(pred), accumulation_dtype(label));
+  if (!mask.defined()) return torch::mse_loss(pred.to(acc), label.to(acc));
+  auto diff = pred.to(acc) - label.to(acc);
+  auto w = mask.to(acc);
+  torch::Tensor count;
+  if (w.dim() == pred.dim()) {
+    count = w.sum();
+  } else {
+    count = w.sum() * static_cast<double>(pred.size(-1));
+    w = w.unsqueeze(-1);
+  }
+  auto weighted = (w * diff.square()).sum();
+  auto empty = count == 0;
+  return torch::where(empty, torch::zeros_like(weighted), weighted / torch::where(empty, torch::ones_like(count), count));
+}
+
+// Per-neuron mean rate r̄_i = (1/M) Σ_s r_{s,i} over all M samples (every leading index of states).
+torch::Tensor neuron_mean_rates(const torch::Tensor& states) {
+  auto r = states.to(accumulation_dtype(states));
+  auto r2 = r.reshape({-1, r.size(-1)});
+  return r2.sum(0) / static_cast<double>(r2.size(0));
+}
+
+// fr_sd and fr_cv from the per-neuron means: μ = mean_i r̄_i, σ = sqrt(mean_i (r̄_i − μ)²) (population
+// SD), CV = σ / μ. σ = 0 gives σ = CV = 0 with zero gradients (the sqrt's slope at 0 is never
+// evaluated); σ > 0 with μ = 0 gives CV = +inf; NaN rates give NaN (var == 0 is false for NaN).
+std::pair<torch::Tensor, torch::Tensor> rate_sd_cv(const torch::Tensor& mean_rates) {
+  auto mu = mean_rates.mean();
+  auto dev = mean_rates - mu;
+  auto var = (dev * dev).mean();
+  auto flat = var == 0;
+  // Double-where: the untaken branch is evaluated on a safe value so its gradient stays finite.
+  auto sd = torch::where(flat, torch::zeros_like(var), torch::sqrt(torch::where(flat, torch::ones_like(var), var)));
+  auto centred = mu == 0;
+  auto cv = torch::where(centred, torch::full_like(var, std::numeric_limits<double>::infinity()),
+                         sd / torch::where(centred, torch::ones_like(mu), mu));
+  cv = torch::where(flat, torch::zeros_like(var), cv);
+  return {sd, cv};
+}
+
+void check_lambda_value(const std::string& name, double value) {
+  TORCH_CHECK_VALUE(std::isfinite(value) && value >= 0, name, " must be finite and >= 0, got ", py_float(value));
+}
+
+}  // namespace
+
+RNNLossImpl::RNNLossImpl(CTRNN model_, const RNNLossOptions& options) {
+  TORCH_CHECK_TYPE(!model_.is_empty(), "model must be a CTRNN (or a subclass), got an empty CTRNN holder");
+  const std::array<double, 7> values = {options.lambda_mse(), options.lambda_in(),    options.lambda_hid(),
+                                        options.lambda_out(), options.lambda_fr(),    options.lambda_fr_sd(),
+                                        options.lambda_fr_cv()};
+  for (size_t i = 0; i < 7; ++i) check_lambda_value("lambda_" + component_names()[i], values[i]);
+  model = register_module("model", std::move(model_));
+  for (size_t i = 0; i < 7; ++i) on_[i] = values[i] > 0.0;
+  need_means_ = on_[kFrSd] || on_[kFrCv];
+  need_states_ = on_[kFr] || need_means_;
+  lambdas = register_buffer("lambdas", torch::tensor(std::vector<double>(values.begin(), values.end()),
+                                                     torch::dtype(torch::kFloat64)));
+  checked_version_ = static_cast<int64_t>(lambdas._version());
+}
+
+std::vector<std::string> RNNLossImpl::active() const {
+  std::vector<std::string> out;
+  for (size_t i = 0; i < 7; ++i)
+    if (on_[i]) out.push_back(component_names()[i]);
+  return out;
+}
+
+void RNNLossImpl::to(torch::Device device, torch::Dtype dtype, bool non_blocking) {
+  torch::nn::Module::to(device, dtype, non_blocking);
+  lambdas.set_data(lambdas.to(torch::kFloat64));
+}
+
+void RNNLossImpl::to(torch::Dtype dtype, bool non_blocking) {
+  torch::nn::Module::to(dtype, non_blocking);
+  lambdas.set_data(lambdas.to(torch::kFloat64));
+}
+
+void RNNLossImpl::set_lambda(const std::string& name, double value) {
+  int64_t index = -1;
+  for (size_t i = 0; i < 7; ++i)
+    if (component_names()[i] == name) index = static_cast<int64_t>(i);
+  TORCH_CHECK_VALUE(index >= 0, "set_lambda: name must be one of ", detail::py_str_list(component_names()),
+                    ", got '", name, "'");
+  TORCH_CHECK_VALUE(std::isfinite(value) && value >= 0.0, "set_lambda: value for '", name,
+                    "' must be finite and >= 0, got ", py_float(value));
+  TORCH_CHECK_VALUE(on_[static_cast<size_t>(index)], "set_lambda: component '", name,
+                    "' is inactive (its lambda was 0 at construction), so it is never computed; build the loss with "
+                    "a non-zero lambda_",
+                    name);
+  torch::NoGradGuard no_grad;
+  lambdas[index].fill_(value);
+}
+
+void RNNLossImpl::check_lambdas() {
+  if (static_cast<int64_t>(lambdas._version()) == checked_version_) return;
+  auto values = lambdas.to(torch::kCPU, torch::kFloat64).contiguous();
+  const double* v = values.data_ptr<double>();
+  for (size_t i = 0; i < 7; ++i) {
+    const auto& name = component_names()[i];
+    std::string entry = "lambdas[" + std::to_string(i) + "] ('" + name + "')";
+    TORCH_CHECK_VALUE(std::isfinite(v[i]) && v[i] >= 0, entry, " must be finite and >= 0, got ", py_float(v[i]));
+    TORCH_CHECK_VALUE(on_[i] || v[i] == 0, entry, " is ", py_float(v[i]), " but component '", name,
+                      "' is inactive (its lambda was 0 at construction); build the loss with a non-zero lambda_",
+                      name);
+  }
+  checked_version_ = static_cast<int64_t>(lambdas._version());
+}
+
+std::tuple<torch::Tensor, torch::Tensor> RNNLossImpl::forward(const torch::Tensor& pred, const torch::Tensor& label,
+                                                              const torch::Tensor& states, const torch::Tensor& mask) {
+  detail::check_float_tensor(pred, "pred");
+  detail::check_float_tensor(label, "label");
+  TORCH_CHECK_VALUE(pred.sizes() == label.sizes(), "pred and label must have the same shape, got pred ",
+                    shape_of(pred), " and label ", shape_of(label));
+  TORCH_CHECK_VALUE(label.device() == pred.device(), "label must be on pred's device ", pred.device().str(), ", got ",
+                    label.device().str());
+  const int64_t n_hid = model->n_hid();
+  if (states.defined()) {
+    detail::check_float_tensor(states, "states");
+    TORCH_CHECK_VALUE(states.device() == pred.device(), "states must be on pred's device ", pred.device().str(),
+                      ", got ", states.device().str());
+    TORCH_CHECK_VALUE(states.dim() != 0 && states.size(-1) == n_hid, "states must have N_hid=", n_hid,
+                      " as its last dimension, got shape ", shape_of(states));
+  } else {
+    TORCH_CHECK_VALUE(!need_states_, "states is required when lambda_fr, lambda_fr_sd or lambda_fr_cv > 0, got None");
+  }
+  if (mask.defined()) {
+    TORCH_CHECK_TYPE(!mask.is_complex(), "mask must be a real tensor (floating point, integer or bool), got dtype ",
+                     detail::dtype_name(mask));
+    auto per_sample = pred.sizes().slice(0, static_cast<size_t>(pred.dim() - 1));
+    TORCH_CHECK_VALUE(mask.sizes() == pred.sizes() || mask.sizes() == per_sample,
+                      "mask must have pred's shape ", shape_of(pred), " or pred's shape without its last axis ",
+                      detail::int_list(per_sample.vec()), ", got shape ", shape_of(mask));
+    TORCH_CHECK_VALUE(mask.device() == pred.device(), "mask must be on pred's device ", pred.device().str(), ", got ",
+                      mask.device().str());
+    if (mask.device().is_cpu()) {
+      auto w = mask.to(torch::kFloat64);
+      TORCH_CHECK_VALUE((torch::isfinite(w) & (w >= 0)).all().item<bool>(), "mask must hold finite weights >= 0");
+    }
+  }
+  check_lambdas();
+
+  const auto& w_in = model->recurrent_layer->input_layer->weight;
+  const auto& w_hid = model->recurrent_layer->hidden_layer->weight;
+  const auto& w_out = model->readout_layer->weight;
+  TORCH_CHECK_VALUE(!(on_[kIn] || on_[kHid] || on_[kOut]) || w_in.device() == pred.device(),
+                    "pred must be on the model's device ", w_in.device().str(),
+                    " when a weight penalty is active, got ", pred.device().str());
+  auto dtype = torch::promote_types(
+      torch::promote_types(accumulation_dtype(pred), accumulation_dtype(label)), accumulation_dtype(w_in));
+  if (states.defined()) dtype = torch::promote_types(dtype, accumulation_dtype(states));
+  auto zero = torch::zeros({}, torch::TensorOptions().dtype(dtype).device(pred.device()));
+  std::vector<torch::Tensor> c(7, zero);
+  if (on_[kMse]) c[kMse] = mean_squared_error(pred, label, mask).to(dtype);
+  if (on_[kIn]) c[kIn] = mean_square(w_in).to(dtype);
+  if (on_[kHid]) c[kHid] = mean_square(w_hid).to(dtype);
+  if (on_[kOut]) c[kOut] = mean_square(w_out).to(dtype);
+  if (states.defined()) {
+    if (need_means_) {
+      auto [sd, cv] = rate_sd_cv(neuron_mean_rates(states));
+      if (on_[kFrSd]) c[kFrSd] = sd.to(dtype);
+      if (on_[kFrCv]) c[kFrCv] = cv.to(dtype);
+    }
+    if (on_[kFr]) c[kFr] = mean_square(states).to(dtype);
+  }
+  auto components = torch::stack(c) * lambdas.to(pred.device(), dtype);
+  return {components.sum(), components};
+}
+
+}  // namespace rnnloss
