@@ -367,7 +367,7 @@ class RNNLoss(nn.Module):
             name = self.component_names[i]
             # No number in these messages: eager, TorchScript and C++ print floats differently.
             if not (value >= 0.0 and value <= self._lambda_max):
-                kind = "NaN" if value != value else ("a negative value" if value < 0.0 else
+                kind = "NaN" if math.isnan(value) else ("a negative value" if value < 0.0 else
                                                      "a value beyond float32's range")
                 raise ValueError("lambdas[{}] ('{}') must be finite and >= 0; it was set to {}".format(i, name, kind))
             if value != 0.0 and not self._on[i]:
