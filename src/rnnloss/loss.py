@@ -262,7 +262,8 @@ class RNNLoss(nn.Module):
     re-validates the buffer after every write to it (tracked by the tensor's version counter, so
     a CUDA buffer is read back only after a write, never on every call): a negative, NaN or
     infinite λ, or a non-zero λ for an inactive component, raises ValueError. Loading a
-    state_dict that gives an inactive component a non-zero λ raises too.
+    state_dict that gives an inactive component a non-zero λ raises too. Under ``torch.compile``
+    and in exported graphs the buffer is not re-validated (a graph holds no data-dependent check).
 
     Shape:
         - pred, label: any shape, identical (no broadcasting); commonly (T, B, N_out).
