@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdlib>
+#include <fstream>
 #include <functional>
 #include <iomanip>
 #include <iostream>
@@ -37,7 +38,9 @@ const char* const kUsage =
     "and ends with initial_mse=<float> final_mse=<float> steps=<int> (MSE on a fixed batch).\n"
     "\n"
     "  --engine native       rnnloss::load(ARTIFACT_DIR): the C++ library, reads rnnloss_native.pt;\n"
-    "                        FILE is a native artifact (default ARTIFACT_DIR/ctrnn_trained_native.pt)\n"
+    "                        FILE holds the loss's state_dict as (name, tensor) pairs (default\n"
+    "                        ARTIFACT_DIR/ctrnn_trained_native.pt); in Python:\n"
+    "                        loss.load_state_dict(dict(torch.load(FILE, weights_only=True)))\n"
     "  --engine torchscript  ARTIFACT_DIR/ctrnn_train.pt through TorchScript;\n"
     "                        FILE is a TorchScript module (default ARTIFACT_DIR/ctrnn_trained.pt)\n"
     "  defaults: --engine native --steps 300 --device cpu --seed 0 --time 50 --batch 32\n"
@@ -111,8 +114,17 @@ Engine native_engine(const std::string& dir, torch::Device device) {
   };
   e.lambda_fr = [loss]() { return loss->lambdas[4].item<double>(); };
   e.save = [loss](const std::string& path) mutable {
-    loss->to(torch::kCPU);
-    torch::save(loss, path);
+    // The loss's state_dict as (name, tensor) pairs: a plain tuple that Python reads with
+    // torch.load(path, weights_only=True); the names are Python's RNNLoss.state_dict() keys.
+    std::vector<c10::IValue> items;
+    for (const auto& p : loss->named_parameters())
+      items.push_back(c10::ivalue::Tuple::create({p.key(), p.value().detach().cpu()}));
+    for (const auto& b : loss->named_buffers())
+      items.push_back(c10::ivalue::Tuple::create({b.key(), b.value().detach().cpu()}));
+    auto bytes = torch::pickle_save(c10::ivalue::Tuple::create(items));
+    std::ofstream out(path, std::ios::binary);
+    out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+    if (!out) throw std::runtime_error("cannot write --out " + path);
   };
   return e;
 }

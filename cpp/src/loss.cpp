@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <limits>
+#include <utility>
 
 namespace rnnloss {
 
@@ -25,35 +26,58 @@ enum Index { kMse = 0, kIn, kHid, kOut, kFr, kFrSd, kFrCv };
 
 // ---- The formulas (each once; the Python module rnnloss.loss holds the same, with its math). ----
 
-// Mean of squares over every element, (1/n) Σ_k x_k²: the weight penalties ‖W‖²_F / (rows·cols)
-// and fr (the mean of r², not the square of the mean).
-torch::Tensor mean_square(const torch::Tensor& x) { return x.to(accumulation_dtype(x)).square().mean(); }
+// Mean of squares over every element, (1/n) Σ_k x_k²: the weight penalties ‖W‖²_F / (rows·cols).
+torch::Tensor mean_square(const torch::Tensor& x) {
+  auto xa = x.to(accumulation_dtype(x));
+  return (xa * xa).sum() / static_cast<double>(x.numel());
+}
 
 // mse: (1/n) Σ_k (ŷ_k − y_k)² over every element; with weights w (shaped like pred, or like pred
-// without its last axis, one weight for all N_out outputs of a sample):
-// Σ w·(ŷ − y)² / Σ w, the per-sample sum counted N_out times. Σ w = 0 gives 0 with a zero gradient.
+// without its last axis: one weight per sample, counted once for each of its N_out outputs, so the
+// denominator is N_out·Σw): Σ w·(ŷ − y)² / Σ w. Σ w = 0 gives 0 with a zero gradient.
 torch::Tensor mean_squared_error(const torch::Tensor& pred, const torch::Tensor& label, const torch::Tensor& mask) {
   auto acc = torch::promote_types(accumulation_dtype(pred), accumulation_dtype(label));
   if (!mask.defined()) return torch::mse_loss(pred.to(acc), label.to(acc));
   auto diff = pred.to(acc) - label.to(acc);
   auto w = mask.to(acc);
-  torch::Tensor count;
-  if (w.dim() == pred.dim()) {
-    count = w.sum();
+  torch::Tensor weighted, weight;
+  if (mask.dim() == pred.dim()) {
+    weighted = (w * diff * diff).sum();
+    weight = w.sum();
   } else {
-    count = w.sum() * static_cast<double>(pred.size(-1));
-    w = w.unsqueeze(-1);
+    weighted = (w * (diff * diff).sum(-1)).sum();
+    weight = w.sum() * pred.size(-1);
   }
-  auto weighted = (w * diff.square()).sum();
-  auto empty = count == 0;
-  return torch::where(empty, torch::zeros_like(weighted), weighted / torch::where(empty, torch::ones_like(count), count));
+  return weighted / torch::where(weight == 0, torch::ones_like(weight), weight);
 }
 
-// Per-neuron mean rate r̄_i = (1/M) Σ_s r_{s,i} over all M samples (every leading index of states).
-torch::Tensor neuron_mean_rates(const torch::Tensor& states) {
+// Per-neuron sums Σ_s r_{s,i} in float64, accurate for float32 rates at 10^7 elements: every
+// leading axis but the first summed in the accumulation dtype (short sums), then blocks of 1024
+// rows, the block sums added in float64.
+torch::Tensor neuron_sums_f64(const torch::Tensor& states) {
+  const int64_t block = 1024;
+  auto acc = accumulation_dtype(states);
+  const int64_t n_hid = states.size(-1);
+  if (states.dim() == 1) return states.to(torch::kFloat64);
+  auto part = states;
+  if (states.dim() > 2) {
+    std::vector<int64_t> dims;
+    for (int64_t d = 1; d < states.dim() - 1; ++d) dims.push_back(d);
+    part = states.sum(dims, /*keepdim=*/false, acc);
+  }
+  const int64_t rows = part.size(0), blocks = rows / block;
+  if (blocks <= 1) return part.to(torch::kFloat64).sum(0);
+  auto head = part.narrow(0, 0, blocks * block).reshape({blocks, block, n_hid}).sum(1, false, acc);
+  auto total = head.to(torch::kFloat64).sum(0);
+  if (blocks * block < rows)
+    total = total + part.narrow(0, blocks * block, rows - blocks * block).to(torch::kFloat64).sum(0);
+  return total;
+}
+
+// Σ r² over every rate, in float64: squared row sums in the accumulation dtype, added in float64.
+torch::Tensor sum_of_squares_f64(const torch::Tensor& states) {
   auto r = states.to(accumulation_dtype(states));
-  auto r2 = r.reshape({-1, r.size(-1)});
-  return r2.sum(0) / static_cast<double>(r2.size(0));
+  return (r * r).sum(-1).to(torch::kFloat64).sum();
 }
 
 // fr_sd and fr_cv from the per-neuron means: μ = mean_i r̄_i, σ = sqrt(mean_i (r̄_i − μ)²) (population
@@ -73,8 +97,13 @@ std::pair<torch::Tensor, torch::Tensor> rate_sd_cv(const torch::Tensor& mean_rat
   return {sd, cv};
 }
 
+// The largest λ accepted: every λ must be finite in float32.
+constexpr double kFloat32Max = 3.4028234663852886e38;
+
 void check_lambda_value(const std::string& name, double value) {
   TORCH_CHECK_VALUE(std::isfinite(value) && value >= 0, name, " must be finite and >= 0, got ", py_float(value));
+  TORCH_CHECK_VALUE(value <= kFloat32Max, name, " must be finite in float32 (at most 3.4028235e+38), got ",
+                    py_float(value));
 }
 
 }  // namespace
@@ -91,7 +120,6 @@ RNNLossImpl::RNNLossImpl(CTRNN model_, const RNNLossOptions& options) {
   need_states_ = on_[kFr] || need_means_;
   lambdas = register_buffer("lambdas", torch::tensor(std::vector<double>(values.begin(), values.end()),
                                                      torch::dtype(torch::kFloat64)));
-  checked_version_ = static_cast<int64_t>(lambdas._version());
 }
 
 std::vector<std::string> RNNLossImpl::active() const {
@@ -117,8 +145,8 @@ void RNNLossImpl::set_lambda(const std::string& name, double value) {
     if (component_names()[i] == name) index = static_cast<int64_t>(i);
   TORCH_CHECK_VALUE(index >= 0, "set_lambda: name must be one of ", detail::py_str_list(component_names()),
                     ", got '", name, "'");
-  TORCH_CHECK_VALUE(std::isfinite(value) && value >= 0.0, "set_lambda: value for '", name,
-                    "' must be finite and >= 0, got ", py_float(value));
+  TORCH_CHECK_VALUE(value >= 0.0 && value <= kFloat32Max, "set_lambda: value for '", name,
+                    "' must be finite (in float32) and >= 0, got ", py_float(value));
   TORCH_CHECK_VALUE(on_[static_cast<size_t>(index)], "set_lambda: component '", name,
                     "' is inactive (its lambda was 0 at construction), so it is never computed; build the loss with "
                     "a non-zero lambda_",
@@ -128,18 +156,23 @@ void RNNLossImpl::set_lambda(const std::string& name, double value) {
 }
 
 void RNNLossImpl::check_lambdas() {
-  if (static_cast<int64_t>(lambdas._version()) == checked_version_) return;
+  // Read back only after a write (version counter) or a new buffer (to() replaces its data).
+  auto version = static_cast<int64_t>(lambdas._version());
+  const void* data = lambdas.data_ptr();
+  if (version == checked_version_ && data == checked_data_) return;
   auto values = lambdas.to(torch::kCPU, torch::kFloat64).contiguous();
   const double* v = values.data_ptr<double>();
   for (size_t i = 0; i < 7; ++i) {
     const auto& name = component_names()[i];
     std::string entry = "lambdas[" + std::to_string(i) + "] ('" + name + "')";
-    TORCH_CHECK_VALUE(std::isfinite(v[i]) && v[i] >= 0, entry, " must be finite and >= 0, got ", py_float(v[i]));
-    TORCH_CHECK_VALUE(on_[i] || v[i] == 0, entry, " is ", py_float(v[i]), " but component '", name,
+    const char* kind = std::isnan(v[i]) ? "NaN" : v[i] < 0 ? "a negative value" : "a value beyond float32's range";
+    TORCH_CHECK_VALUE(v[i] >= 0.0 && v[i] <= kFloat32Max, entry, " must be finite and >= 0; it was set to ", kind);
+    TORCH_CHECK_VALUE(on_[i] || v[i] == 0.0, entry, " is non-zero but component '", name,
                       "' is inactive (its lambda was 0 at construction); build the loss with a non-zero lambda_",
                       name);
   }
-  checked_version_ = static_cast<int64_t>(lambdas._version());
+  checked_version_ = version;
+  checked_data_ = data;
 }
 
 std::tuple<torch::Tensor, torch::Tensor> RNNLossImpl::forward(const torch::Tensor& pred, const torch::Tensor& label,
@@ -169,9 +202,12 @@ std::tuple<torch::Tensor, torch::Tensor> RNNLossImpl::forward(const torch::Tenso
                       detail::int_list(per_sample.vec()), ", got shape ", shape_of(mask));
     TORCH_CHECK_VALUE(mask.device() == pred.device(), "mask must be on pred's device ", pred.device().str(), ", got ",
                       mask.device().str());
-    if (mask.device().is_cpu()) {
-      auto w = mask.to(torch::kFloat64);
-      TORCH_CHECK_VALUE((torch::isfinite(w) & (w >= 0)).all().item<bool>(), "mask must hold finite weights >= 0");
+    if (mask.scalar_type() != torch::kBool) {
+      auto valid = ((mask >= 0) & torch::isfinite(mask)).all();
+      if (mask.is_cuda())
+        torch::_assert_async(valid, "mask must hold finite weights >= 0");  // no host-device sync
+      else
+        TORCH_CHECK_VALUE(valid.item<bool>(), "mask must hold finite weights >= 0");
     }
   }
   check_lambdas();
@@ -191,13 +227,14 @@ std::tuple<torch::Tensor, torch::Tensor> RNNLossImpl::forward(const torch::Tenso
   if (on_[kIn]) c[kIn] = mean_square(w_in).to(dtype);
   if (on_[kHid]) c[kHid] = mean_square(w_hid).to(dtype);
   if (on_[kOut]) c[kOut] = mean_square(w_out).to(dtype);
-  if (states.defined()) {
+  if (states.defined() && need_states_) {
+    // fr and the per-neuron means from float64 sums; the statistics in float64, then cast.
+    if (on_[kFr]) c[kFr] = (sum_of_squares_f64(states) / static_cast<double>(states.numel())).to(dtype);
     if (need_means_) {
-      auto [sd, cv] = rate_sd_cv(neuron_mean_rates(states));
+      auto [sd, cv] = rate_sd_cv(neuron_sums_f64(states) / static_cast<double>(states.numel() / n_hid));
       if (on_[kFrSd]) c[kFrSd] = sd.to(dtype);
       if (on_[kFrCv]) c[kFrCv] = cv.to(dtype);
     }
-    if (on_[kFr]) c[kFr] = mean_square(states).to(dtype);
   }
   auto components = torch::stack(c) * lambdas.to(pred.device(), dtype);
   return {components.sum(), components};

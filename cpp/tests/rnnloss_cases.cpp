@@ -34,6 +34,12 @@ torch::Tensor tensor(const Dict& d, const std::string& key) {
   auto v = get(d, key);
   return v.isTensor() ? v.toTensor() : torch::Tensor();
 }
+// A copy that requires grad where it can (integer tensors go in as they are, to meet the checks).
+torch::Tensor leaf(const torch::Tensor& t) {
+  if (!t.defined()) return t;
+  auto copy = t.clone();
+  return copy.is_floating_point() ? copy.requires_grad_(true) : copy;
+}
 IValue tuple(std::vector<IValue> items) { return c10::ivalue::Tuple::create(std::move(items)); }
 IValue opt(const torch::Tensor& t) { return t.defined() ? IValue(t) : IValue(); }
 
@@ -59,7 +65,14 @@ std::vector<IValue> gradients(const torch::Tensor& objective, std::vector<torch:
   auto grads = torch::autograd::grad({objective}, wrt, {}, false, false, /*allow_unused=*/true);
   std::vector<IValue> out;
   size_t k = 0;
-  for (const auto& t : inputs) out.push_back(t.defined() ? opt(grads[k++]) : IValue());
+  for (const auto& t : inputs) {  // an unused input's gradient is zero, as Python's test computes it
+    if (!t.defined()) {
+      out.push_back(IValue());
+      continue;
+    }
+    out.push_back(grads[k].defined() ? grads[k] : torch::zeros_like(t));
+    ++k;
+  }
   std::vector<IValue> params;
   for (size_t i = n_inputs; i < grads.size(); ++i)
     params.push_back(grads[i].defined() ? grads[i] : torch::zeros_like(wrt[i]));
@@ -113,9 +126,8 @@ IValue run_case(const std::vector<IValue>& artifacts, const Dict& c) {
   const std::string kind = get(c, "kind").toStringRef();
   if (kind == "loss") {  // total, components, d/dpred, d/dstates, d/dparams, names
     auto ex = artifact(artifacts, c);
-    auto pred = tensor(c, "pred").clone().requires_grad_(true);
-    auto states = tensor(c, "states");
-    if (states.defined()) states = states.clone().requires_grad_(true);
+    auto pred = leaf(tensor(c, "pred"));
+    auto states = leaf(tensor(c, "states"));
     auto lambdas = tensor(c, "lambdas");
     if (lambdas.defined()) {
       torch::NoGradGuard no_grad;
@@ -129,7 +141,7 @@ IValue run_case(const std::vector<IValue>& artifacts, const Dict& c) {
   if (kind == "forward") {  // output, states, d/dx and d/dparams of Σ g_out·output + Σ g_states·states
     auto ex = artifact(artifacts, c);
     ex.model->eval();
-    auto x = tensor(c, "x").clone().requires_grad_(true);
+    auto x = leaf(tensor(c, "x"));
     auto [output, states] = ex.model->forward(x, tensor(c, "init_state"));
     auto objective = (output * tensor(c, "g_out")).sum() + (states * tensor(c, "g_states")).sum();
     std::vector<IValue> out = {std::string("ok"), output.detach(), states.detach()};
