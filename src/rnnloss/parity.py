@@ -1,4 +1,4 @@
-"""Parity of the exported artifacts with eager mode (DESIGN.md §6).
+"""Parity of the exported artifacts with eager mode.
 
 Every check runs eager mode and one runtime on the same fresh inputs — shapes that differ from
 the export example, batch 1 and time 1 included, which is what proves the dynamic axes — and
@@ -20,6 +20,9 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import torch
+
+from .artifacts import INPUT_NAMES, LOSS_ONNX, LOSS_PT, LOSS_PT2, OUTPUT_NAMES, TRAIN_PT, sample_inputs
+from .trainer import CTRNNTrainer
 
 SAME_KERNELS = 1e-5
 OTHER_REDUCTIONS = 1e-4
@@ -73,7 +76,6 @@ def fresh_shapes(time: int, batch: int) -> List[Tuple[int, int]]:
 
 
 def _inputs(loss, time, batch, seed, device):
-    from .export import sample_inputs
     return [t.to(device) for t in sample_inputs(loss, time, batch, seed)]
 
 
@@ -114,18 +116,25 @@ def trainable(module) -> Dict[str, torch.Tensor]:
     return {name: p for name, p in module.named_parameters() if p.requires_grad}
 
 
+def is_out_of_memory(e: BaseException) -> bool:
+    """MemoryError, or torch's allocator failing (CUDA: OutOfMemoryError; CPU: a RuntimeError)."""
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    return isinstance(e, RuntimeError) and ("can't allocate memory" in str(e) or "out of memory" in str(e))
+
+
 def _check(rows: List[Row], row: Row, body: Callable[[Row], None]) -> None:
     try:
         body(row)
     except Exception as e:  # a failure to load or run is a failed check, reported in the table
+        if is_out_of_memory(e):
+            raise  # not the artifact's fault: the caller reports it (exit 2)
         row.error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:200] if str(e).strip() else ''}"
     rows.append(row)
 
 
 def check_artifacts(folder: Path, eager_cpu, config: Dict[str, Any], devices: Sequence[str]) -> List[Row]:
     """Run every artifact on every runtime and device against eager; returns the table rows."""
-    from .export import LOSS_ONNX, LOSS_PT, LOSS_PT2, TRAIN_PT
-    from .trainer import CTRNNTrainer
     ex = config["example"]
     shapes = fresh_shapes(ex["time"], ex["batch"])
     rows: List[Row] = []
@@ -184,8 +193,8 @@ def check_artifacts(folder: Path, eager_cpu, config: Dict[str, Any], devices: Se
                 inputs = _inputs(eager_cpu, t, b, seed=400 + i, device="cpu")
                 with torch.no_grad():
                     ref = eager_cpu(*inputs)
-                feeds = {name: x.numpy() for name, x in zip(("pred", "label", "states"), inputs)}
-                got = session.run(["total", "components"], feeds)
+                feeds = {name: x.numpy() for name, x in zip(INPUT_NAMES, inputs)}
+                got = session.run(list(OUTPUT_NAMES), feeds)
                 for a, r in zip(got, ref):
                     row.update(torch.from_numpy(a), r)
             row.checked = f"{len(shapes)} shapes (T,B) {shapes}, values"

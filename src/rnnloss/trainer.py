@@ -13,11 +13,15 @@ class CTRNNTrainer(nn.Module):
     It holds only the loss (which holds the model), so ``parameters()`` are exactly the model's,
     each once — hand them to any optimizer. ``enforce_constraints()`` and ``set_lambda(name, value)``
     are exported for scripted (C++) loops; the λ buffer is ``loss.lambdas``.
+
+    It starts in the loss's mode (``training`` of the wrapper equals ``loss.training``), so a
+    wrapper of an eval-mode loss is in eval mode throughout, top-level module included.
     """
 
     def __init__(self, loss: RNNLoss) -> None:
         super().__init__()
         self.loss = loss
+        self.training = loss.training
 
     def forward(self, x: Tensor, target: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         output, states = self.loss.model(x)
