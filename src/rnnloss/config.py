@@ -32,7 +32,7 @@ SEED_MAX = 2**64 - 1  # torch.manual_seed takes a 64-bit unsigned seed
 def _show(v: Any) -> str:
     """``v`` as JSON for a message: one short line, whatever its size or depth."""
     try:
-        text = _show(v)
+        text = json.dumps(v)
     except (ValueError, RecursionError):
         text = f"a {type(v).__name__}"
     return text if len(text) <= 60 else text[:57] + "..."

@@ -201,6 +201,10 @@ def _available_memory() -> Optional[int]:
         return None
 
 
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 def check_resources(config: Dict[str, Any], folder: Path) -> None:
     """Refuse (UserError) a config whose export would not fit this machine's memory or the disk
     under ``folder``, before any work: a model too big fails in minutes otherwise."""
@@ -208,12 +212,12 @@ def check_resources(config: Dict[str, Any], folder: Path) -> None:
     dims = config["model"]["dims"]
     available = _available_memory()
     if available is not None and memory > available:
-        raise UserError(f"model.dims {dims}: exporting needs about {memory / 2**30:.1f} GiB of memory, "
-                        f"{available / 2**30:.1f} GiB is available; use a smaller N_hid or example size")
+        raise UserError(f"model.dims {dims}: exporting needs about {_size(memory)} of memory, "
+                        f"{_size(available)} is available; use a smaller N_hid or example size")
     free = shutil.disk_usage(folder).free
     if disk > free:
-        raise UserError(f"model.dims {dims}: the artifacts need about {disk / 2**30:.2f} GiB of disk, "
-                        f"{free / 2**30:.2f} GiB is free under {folder}; free some space or choose another --out")
+        raise UserError(f"not enough disk space: the artifacts of model.dims {dims} need about {_size(disk)}, "
+                        f"{_size(free)} is free under {folder}; free some space or choose another --out")
 
 
 def _rejected(ws: "install.Workspace", real: Path, keep: bool) -> str:
