@@ -1,4 +1,5 @@
-"""Independent float64 references, written out from DESIGN.md §2 and §4 with NumPy and math.fsum.
+"""Independent float64 references: the formulas of the loss and the CTRNN (docs/design.md), written
+out with NumPy and math.fsum.
 
 Nothing here imports rnnloss: these are the formulas as stated, not the package's code.
 """

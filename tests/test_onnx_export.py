@@ -107,7 +107,7 @@ def test_eager_cuda_matches_eager_cpu():
 
 @pytest.mark.slow
 def test_exported_graphs_keep_the_accuracy_bound_at_ten_million_elements(tmp_path):
-    # DESIGN §2: float32 within 1e-5 relative of float64 for up to 10^7 elements — in ONNX Runtime
+    # The accuracy promise: float32 within 1e-5 relative of float64 for up to 10^7 elements — in ONNX Runtime
     # and the .pt2 too, whose reductions differ from eager's (a flat ReduceMean of r² in ORT was
     # off by 1e-3 at this size).
     model = make_model((3, 512, 2))
