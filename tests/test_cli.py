@@ -318,9 +318,9 @@ def test_resource_errors_exit_2_in_one_line_and_leave_nothing(fault, tmp_path, f
         (folder / "partial.pt").write_bytes(b"half")
         raise error
     fake.setattr(export, "write_artifacts", failing_write)
-    status, _, err = run_main(["--out", "out", "--device", "cpu"], tmp_path, fake, capsys)
+    status, _, err = run_main(["--out", "new/deeper/out", "--device", "cpu"], tmp_path, fake, capsys)
     assert status == 2 and expected in one_line(err)
-    assert list(tmp_path.iterdir()) == []
+    assert list(tmp_path.iterdir()) == []  # the parent folders it made are gone too
 
 
 def test_unexplained_error_is_a_bug_exit_3_with_traceback(tmp_path, fake, capsys):

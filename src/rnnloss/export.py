@@ -1,7 +1,7 @@
 """Build the artifacts from a config, check their parity with eager mode, install them atomically.
 
 ``rnnloss-export`` / ``export/export.py`` call :func:`main`; everything else is importable.
-What a user sees (see docs/export_section.md):
+What a user sees (the README's export section says more):
 
 - exit 0: every artifact written, loaded and within tolerance of eager mode; installed in --out.
 - exit 1: a parity check failed (``--verify``: a sum, a load or a parity check failed); --out is
@@ -234,6 +234,35 @@ def _rejected(ws: "install.Workspace", real: Path, keep: bool) -> str:
     return f"the rejected artifacts are in {dest}"
 
 
+def _existing_ancestor(folder: Path) -> Path:
+    while not folder.exists() and folder.parent != folder:
+        folder = folder.parent
+    return folder
+
+
+@contextlib.contextmanager
+def _parents_made(folder: Path):
+    """Create ``folder`` and its missing parents; remove those again (if still empty) when the
+    block fails, so that a failed run leaves nothing behind."""
+    made = []
+    for path in [folder, *folder.parents]:
+        if path.exists():
+            break
+        made.append(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        if not ok:
+            for path in made:  # deepest first
+                try:
+                    path.rmdir()
+                except OSError:
+                    break
+
+
 def run(config: Dict[str, Any], out: Path, *, force: bool, device: str, keep_rejected: bool = False,
         stream=None, use_exchange: bool = True) -> int:
     """Export, check parity, print the table, install; returns 0 (all pass) or 1 (parity failed).
@@ -247,9 +276,8 @@ def run(config: Dict[str, Any], out: Path, *, force: bool, device: str, keep_rej
     real = install.resolve_out(out)
     install.check_target(real, f"--out {out}", force)  # before the minutes of exporting
     require_onnx()
-    real.parent.mkdir(parents=True, exist_ok=True)
-    check_resources(config, real.parent)
-    with install.Workspace(real, use_exchange=use_exchange) as ws:
+    check_resources(config, _existing_ancestor(real.parent))
+    with _parents_made(real.parent), install.Workspace(real, use_exchange=use_exchange) as ws:
         manifest = write_artifacts(config, ws.tmp)
         install.kill_point("written")
         devices = parity.devices_for(device)

@@ -231,10 +231,14 @@ class Workspace:
     def __enter__(self) -> "Workspace":
         clean_leftovers(self.real)
         self._fd = os.open(self.lock, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        if fcntl is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        kill_point("locked")
-        os.mkdir(self.tmp, 0o777)  # the umask applies, as for any folder the user makes
+        try:
+            if fcntl is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            kill_point("locked")
+            os.mkdir(self.tmp, 0o777)  # the umask applies, as for any folder the user makes
+        except BaseException:
+            self.__exit__()
+            raise
         kill_point("tmp-created")
         return self
 
