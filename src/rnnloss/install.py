@@ -92,7 +92,7 @@ def occupant(real: Path) -> Tuple[str, str]:
     if not os.path.lexists(real):
         return "free", ""
     if real.is_symlink():  # only a symlink loop survives realpath
-        return "blocked", f"{real} is a symlink that does not resolve"
+        return "blocked", f"{real} is a symlink (a loop, or a link where a folder is needed)"
     if not real.is_dir():
         return "blocked", f"{real} is a file, not a folder"
     entries = sorted(os.listdir(real))
