@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import config as config_mod
+from . import graph_checks
 from .loss import COMPONENT_NAMES, LAMBDA_NAMES, RNNLoss
 from .model import CTRNN
 from .trainer import CTRNNTrainer
@@ -84,21 +85,24 @@ def export_torchscript(module: torch.nn.Module, path: Path) -> None:
 
 
 def export_pt2(loss: RNNLoss, example: Sequence[torch.Tensor], path: Path) -> None:
-    with _quiet():
+    """The torch.export program, with the refusals its input guards lack (see graph_checks)."""
+    with _quiet(), graph_checks.traced_refusals(loss):
         program = torch.export.export(loss, tuple(example), dynamic_shapes=dynamic_shapes(loss.model.batch_first))
-        torch.export.save(program, str(path))
+    torch.export.save(program, str(path))
 
 
 def export_onnx(loss: RNNLoss, example: Sequence[torch.Tensor], path: Path, opset: Optional[int]) -> int:
-    """Write a self-contained ONNX graph and run the full checker; returns the opset used."""
+    """Write a self-contained ONNX graph with its run-time refusals (see graph_checks) and run the
+    full checker; returns the opset used."""
     import onnx
     kwargs = {} if opset is None else {"opset_version": opset}
     with _quiet():
         torch.onnx.export(loss, tuple(example), str(path), dynamo=True, input_names=list(INPUT_NAMES),
                           output_names=list(OUTPUT_NAMES), dynamic_shapes=dynamic_shapes(loss.model.batch_first),
                           external_data=False, **kwargs)
-    proto = onnx.load(str(path))
+    proto = graph_checks.add_onnx_refusals(onnx.load(str(path)))
     onnx.checker.check_model(proto, full_check=True)
+    onnx.save(proto, str(path))
     return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
 
 
