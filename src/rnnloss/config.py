@@ -95,6 +95,7 @@ SCHEMA = {
     "example": {"time": _positive_int, "batch": _positive_int},
     "seed": lambda k, v: _non_negative_int(k, v),
     "opset": _opset,
+    "mask": _bool,  # the loss graphs take a fourth input, mask, shaped like pred
 }
 
 

@@ -29,6 +29,7 @@ LOSS_PT, TRAIN_PT, LOSS_ONNX, LOSS_PT2, MANIFEST = (
     "rnn_loss.pt", "ctrnn_train.pt", "rnn_loss.onnx", "rnn_loss.pt2", "manifest.json")
 ARTIFACTS = (LOSS_PT, TRAIN_PT, LOSS_ONNX, LOSS_PT2, MANIFEST)
 INPUT_NAMES = ("pred", "label", "states")
+MASKED_INPUT_NAMES = INPUT_NAMES + ("mask",)  # with "mask": true in the config
 OUTPUT_NAMES = ("total", "components")
 
 
@@ -42,8 +43,9 @@ def build(config: Dict[str, Any]) -> RNNLoss:
     return RNNLoss(model, **config["loss"]).eval()
 
 
-def sample_inputs(loss: RNNLoss, time: int, batch: int, seed: int) -> Tuple[torch.Tensor, ...]:
-    """pred and states from running the model on random input, and a random label."""
+def sample_inputs(loss: RNNLoss, time: int, batch: int, seed: int, mask: bool = False) -> Tuple[torch.Tensor, ...]:
+    """pred and states from running the model on random input, and a random label; with ``mask``,
+    also graded weights shaped like pred, about a third of them 0."""
     g = torch.Generator().manual_seed(seed)
     model = loss.model
     shape = (batch, time) if model.batch_first else (time, batch)
@@ -51,18 +53,27 @@ def sample_inputs(loss: RNNLoss, time: int, batch: int, seed: int) -> Tuple[torc
     with torch.no_grad():
         pred, states = model(x)
     label = torch.randn(pred.shape, generator=g)
-    return pred, label, states
+    if not mask:
+        return pred, label, states
+    weights = torch.rand(pred.shape, generator=g) * 1.5
+    return pred, label, states, torch.where(weights < 0.5, torch.zeros_like(weights), weights)
 
 
 def axis_names(batch_first: bool) -> Tuple[str, str]:
     return ("batch", "time") if batch_first else ("time", "batch")
 
 
-def dynamic_shapes(batch_first: bool) -> Dict[str, Dict[int, Any]]:
+def input_names(example: Sequence[torch.Tensor]) -> Tuple[str, ...]:
+    """The graph inputs for example inputs (pred, label, states[, mask])."""
+    return MASKED_INPUT_NAMES if len(example) == len(MASKED_INPUT_NAMES) else INPUT_NAMES
+
+
+def dynamic_shapes(batch_first: bool, names: Sequence[str] = INPUT_NAMES) -> Dict[str, Dict[int, Any]]:
+    """One ``time`` and one ``batch`` dimension shared by every input; the last axis is static."""
     from torch.export import Dim
     dims = {name: Dim(name, min=1) for name in ("time", "batch")}
     first, second = axis_names(batch_first)
-    return {name: {0: dims[first], 1: dims[second]} for name in INPUT_NAMES}
+    return {name: {0: dims[first], 1: dims[second]} for name in names}
 
 
 @contextlib.contextmanager
@@ -87,7 +98,8 @@ def export_torchscript(module: torch.nn.Module, path: Path) -> None:
 def export_pt2(loss: RNNLoss, example: Sequence[torch.Tensor], path: Path) -> None:
     """The torch.export program, with the refusals its input guards lack (see graph_checks)."""
     with _quiet(), graph_checks.traced_refusals(loss):
-        program = torch.export.export(loss, tuple(example), dynamic_shapes=dynamic_shapes(loss.model.batch_first))
+        program = torch.export.export(loss, tuple(example),
+                                      dynamic_shapes=dynamic_shapes(loss.model.batch_first, input_names(example)))
     torch.export.save(program, str(path))
 
 
@@ -96,9 +108,10 @@ def export_onnx(loss: RNNLoss, example: Sequence[torch.Tensor], path: Path, opse
     full checker; returns the opset used."""
     import onnx
     kwargs = {} if opset is None else {"opset_version": opset}
+    names = input_names(example)
     with _quiet():
-        torch.onnx.export(loss, tuple(example), str(path), dynamo=True, input_names=list(INPUT_NAMES),
-                          output_names=list(OUTPUT_NAMES), dynamic_shapes=dynamic_shapes(loss.model.batch_first),
+        torch.onnx.export(loss, tuple(example), str(path), dynamo=True, input_names=list(names),
+                          output_names=list(OUTPUT_NAMES), dynamic_shapes=dynamic_shapes(loss.model.batch_first, names),
                           external_data=False, **kwargs)
     proto = graph_checks.add_onnx_refusals(onnx.load(str(path)))
     onnx.checker.check_model(proto, full_check=True)
@@ -128,21 +141,24 @@ def write_artifacts(config: Dict[str, Any], folder: Path) -> Dict[str, Any]:
     """Write the four graphs into ``folder``; returns the manifest (without parity results)."""
     loss = build(config)
     ex = config["example"]
-    example = sample_inputs(loss, ex["time"], ex["batch"], seed=config["seed"])
+    example = sample_inputs(loss, ex["time"], ex["batch"], seed=config["seed"], mask=config["mask"])
     export_torchscript(loss, folder / LOSS_PT)
     export_torchscript(CTRNNTrainer(loss), folder / TRAIN_PT)
     export_pt2(loss, example, folder / LOSS_PT2)
     opset = export_onnx(loss, example, folder / LOSS_ONNX, config["opset"])
     first, second = axis_names(loss.model.batch_first)
     n_in, n_hid, n_out = config["model"]["dims"]
+    inputs = {"pred": [first, second, n_out], "label": [first, second, n_out], "states": [first, second, n_hid]}
+    if config["mask"]:
+        inputs["mask"] = [first, second, n_out]
     return {
         "component_names": list(COMPONENT_NAMES),
         "lambdas": {name: config["loss"][key] for name, key in zip(COMPONENT_NAMES, LAMBDA_NAMES)},
         "active": loss.active,
         "dims": {"n_in": n_in, "n_hid": n_hid, "n_out": n_out},
-        "inputs": {"pred": [first, second, n_out], "label": [first, second, n_out], "states": [first, second, n_hid]},
+        "inputs": inputs,
         "outputs": {"total": [], "components": [len(COMPONENT_NAMES)]},
-        "train_module": {"forward": "(x, target) -> (total, components, output, states)",
+        "train_module": {"forward": "(x, target, mask=None) -> (total, components, output, states)",
                          "x": [first, second, n_in], "target": [first, second, n_out],
                          "methods": ["enforce_constraints()", "set_lambda(name, value)"]},
         "opset": opset,

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 LABEL_SHAPE = "pred and label must have the same shape"
 PRED_EMPTY = "pred must not be empty"
 STATES_EMPTY = "states must not be empty"
+STATES_SAMPLES = "states must have pred's time and batch sizes in an exported graph"
 MASK_SHAPE = "mask must have pred's shape"
 MASK_WEIGHTS = "mask must hold finite weights >= 0"
 
@@ -70,19 +71,26 @@ def add_onnx_refusals(model):
     inputs the graph has:
 
     ======  =====================================================================================
-    label   ``LABEL_SHAPE``: Shape(label) == Shape(pred), every axis
+    label   ``LABEL_SHAPE``: label's time and batch sizes are pred's
     pred    ``PRED_EMPTY``: every axis of pred >= 1
-    states  ``STATES_EMPTY``: every axis of states >= 1
-    mask    ``MASK_SHAPE``: Shape(mask) == Shape(pred); then ``MASK_WEIGHTS``: every weight >= 0
-            and < inf (NaN fails both comparisons)
+    states  ``STATES_SAMPLES``: states' time and batch sizes are pred's; ``STATES_EMPTY``: every
+            axis of states >= 1
+    mask    ``MASK_SHAPE``: mask's time and batch sizes are pred's; then ``MASK_WEIGHTS``: every
+            weight >= 0 and < inf (NaN fails both comparisons)
     ======  =====================================================================================
 
-    Rank, dtype and the static last axes (N_out, N_hid) are ONNX Runtime's own input checks.
+    "time and batch sizes" are the axes the graph declares with a ``dim_param``. Rank, dtype and
+    the static last axes (N_out, N_hid) are ONNX Runtime's own input checks, so with them
+    ``LABEL_SHAPE`` and ``MASK_SHAPE`` mean the whole shape is pred's. States must share pred's
+    sizes although eager does not ask it: the exporter takes the shared symbols from whichever input
+    comes first, so a graph fed states of other sizes would divide the mse by a count read from
+    states — a wrong number.
     """
     from onnx import TensorProto, helper
 
     graph = model.graph
     names = {i.name for i in graph.input}
+    dim_params = {i.name: [d.dim_param for d in i.type.tensor_type.shape.dim] for i in graph.input}
     nodes: List = []
     counter = [0]
 
@@ -92,9 +100,9 @@ def add_onnx_refusals(model):
         nodes.append(helper.make_node(op, list(inputs), [out], name=name or out, **attrs))
         return out
 
-    def const(value, dtype: int, dims: Sequence[int] = ()) -> str:
-        values = [value] * (dims[0] if dims else 1)
-        return node("Constant", [], value=helper.make_tensor("value", dtype, list(dims), values))
+    def const(values: Sequence, dtype: int = TensorProto.INT64, scalar: bool = False) -> str:
+        dims = [] if scalar else [len(values)]
+        return node("Constant", [], value=helper.make_tensor("value", dtype, dims, list(values)))
 
     def all_true(flags: str) -> str:
         """A bool scalar: every entry of the bool tensor ``flags`` is true."""
@@ -104,8 +112,8 @@ def add_onnx_refusals(model):
     def shape(x: str) -> str:
         return node("Shape", [x])
 
-    bad = const(-2, TensorProto.INT64, [1])  # Reshape takes -1, 0 and sizes; -2 is always an error
-    zero = const(0, TensorProto.INT64)
+    bad = const([-2])  # Reshape takes -1, 0 and sizes; -2 is always an error
+    zero = const([0], scalar=True)
     gated: Dict[str, str] = {name: name for name in names}
 
     def gate(x: str, ok: str, message: str) -> None:
@@ -115,17 +123,24 @@ def add_onnx_refusals(model):
         nodes.append(helper.make_node("Reshape", [gated[x], target], [out], name=message))
         gated[x] = out
 
-    if "pred" in names and "label" in names:
-        gate("label", all_true(node("Equal", [shape("pred"), shape("label")])), LABEL_SHAPE)
+    def same_sizes(x: str) -> str:
+        """A bool scalar: every axis of x declared with a dim_param has pred's size on that axis."""
+        axes = [k for k, p in enumerate(dim_params[x]) if p]
+        theirs = [dim_params["pred"].index(dim_params[x][k]) for k in axes]
+        picked = [node("Gather", [shape(name), const(idx)], axis=0) for name, idx in ((x, axes), ("pred", theirs))]
+        return all_true(node("Equal", picked))
+
     if "pred" in names:
+        for x, message in (("label", LABEL_SHAPE), ("states", STATES_SAMPLES), ("mask", MASK_SHAPE)):
+            if x in names:
+                gate(x, same_sizes(x), message)
         gate("pred", all_true(node("Greater", [shape("pred"), zero])), PRED_EMPTY)
     if "states" in names:
         gate("states", all_true(node("Greater", [shape("states"), zero])), STATES_EMPTY)
-    if "mask" in names and "pred" in names:
-        gate("mask", all_true(node("Equal", [shape("pred"), shape("mask")])), MASK_SHAPE)
+    if "mask" in names:
         m = gated["mask"]
-        valid = node("And", [node("GreaterOrEqual", [m, const(0.0, TensorProto.FLOAT)]),
-                             node("Less", [m, const(float("inf"), TensorProto.FLOAT)])])
+        valid = node("And", [node("GreaterOrEqual", [m, const([0.0], TensorProto.FLOAT, scalar=True)]),
+                             node("Less", [m, const([float("inf")], TensorProto.FLOAT, scalar=True)])])
         gate("mask", all_true(valid), MASK_WEIGHTS)
     checks = list(nodes)
 
