@@ -16,9 +16,9 @@ An exported graph has no Python around it, so the checks it can see must be part
   :func:`add_onnx_refusals` adds check nodes to the exported model: each check gates the input it
   is about through a ``Reshape`` to the input's own shape when the check holds and to an invalid
   shape (``[-2, …]``) when it fails. Every consumer of that input reads the gated tensor, so the
-  check runs before anything uses the input, costs no copy (Reshape aliases its input), and a
-  failure stops ``session.run`` with an error naming the node — and the node is named after the
-  message (``pred and label must have the same shape``). The outputs are multiplied by an exact
+  check runs before anything uses the input, and a failure stops ``session.run`` with an error
+  naming the node — and the node is named after the message (``pred and label must have the same
+  shape``). The checks read shapes only, except the mask-weight check (one pass over the mask). The outputs are multiplied by an exact
   1.0 that depends on every gated input, so a check runs even when no component reads its input.
 """
 import contextlib
