@@ -264,3 +264,15 @@ def test_verify_of_an_unusable_folder_exits_2_in_one_line(case, tmp_path, capsys
     status, _, err = verify(target, capsys)
     lines = err.strip().splitlines()
     assert status == 2 and len(lines) == 1 and "--verify" in lines[0] and "Traceback" not in err
+
+def test_train_module_takes_an_optional_mask(artifacts):
+    from rnnloss.trainer import CTRNNTrainer
+    train = torch.jit.load(str(artifacts / "ctrnn_train.pt"))
+    eager = CTRNNTrainer(export.build(validate(SMALL)))
+    g = torch.Generator().manual_seed(3)
+    x, target = torch.randn(7, 2, 3, generator=g), torch.randn(7, 2, 2, generator=g)
+    mask = (torch.rand(7, 2, 2, generator=g) > 0.5).float()
+    got, ref = train(x, target, mask), eager(x, target, mask)
+    torch.testing.assert_close(got[1], ref[1], rtol=1e-5, atol=0)  # same kernels (rnnloss.parity)
+    assert got[1][0].item() != train(x, target)[1][0].item()  # the mask weights the mse
+    assert train(x, target, torch.zeros_like(mask))[1][0].item() == 0.0  # Σw = 0 gives mse 0

@@ -6,7 +6,7 @@ import this module; neither imports the other.
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 
@@ -17,6 +17,7 @@ LOSS_PT, TRAIN_PT, LOSS_ONNX, LOSS_PT2, MANIFEST = (
     "rnn_loss.pt", "ctrnn_train.pt", "rnn_loss.onnx", "rnn_loss.pt2", "manifest.json")
 ARTIFACTS = (LOSS_PT, TRAIN_PT, LOSS_ONNX, LOSS_PT2, MANIFEST)
 INPUT_NAMES = ("pred", "label", "states")
+MASKED_INPUT_NAMES = INPUT_NAMES + ("mask",)  # with "mask": true in the config
 OUTPUT_NAMES = ("total", "components")
 GENERATOR = "rnnloss-export"  # manifest["generator"]: marks a folder this command wrote
 
@@ -31,8 +32,9 @@ def build(config: Dict[str, Any]) -> RNNLoss:
     return RNNLoss(model, **config["loss"]).eval()
 
 
-def sample_inputs(loss: RNNLoss, time: int, batch: int, seed: int) -> Tuple[torch.Tensor, ...]:
-    """pred and states from running the model on random input, and a random label."""
+def sample_inputs(loss: RNNLoss, time: int, batch: int, seed: int, mask: bool = False) -> Tuple[torch.Tensor, ...]:
+    """pred and states from running the model on random input, and a random label; with ``mask``,
+    also graded weights shaped like pred, about a third of them 0."""
     g = torch.Generator().manual_seed(seed)
     model = loss.model
     shape = (batch, time) if model.batch_first else (time, batch)
@@ -40,7 +42,15 @@ def sample_inputs(loss: RNNLoss, time: int, batch: int, seed: int) -> Tuple[torc
     with torch.no_grad():
         pred, states = model(x)
     label = torch.randn(pred.shape, generator=g)
-    return pred, label, states
+    if not mask:
+        return pred, label, states
+    weights = torch.rand(pred.shape, generator=g) * 1.5
+    return pred, label, states, torch.where(weights < 0.5, torch.zeros_like(weights), weights)
+
+
+def input_names(example: Sequence[torch.Tensor]) -> Tuple[str, ...]:
+    """The graph inputs for example inputs (pred, label, states[, mask])."""
+    return MASKED_INPUT_NAMES if len(example) == len(MASKED_INPUT_NAMES) else INPUT_NAMES
 
 
 def sha256(path: Path) -> str:

@@ -122,6 +122,7 @@ SCHEMA = {
     "example": {"time": _example_size, "batch": _example_size},
     "seed": _seed,
     "opset": _opset,
+    "mask": _bool,  # the loss graphs take a fourth input, mask, shaped like pred
 }
 
 

@@ -29,10 +29,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import config as config_mod
-from . import install, parity
+from . import graph_checks, install, parity
 from .artifacts import (ARTIFACTS, GENERATOR, INPUT_NAMES, LOSS_ONNX, LOSS_PT, LOSS_PT2, MANIFEST,  # noqa: F401
-                        OUTPUT_NAMES, TRAIN_PT, NotAnExport, build, read_manifest, sample_inputs, sha256,
-                        sum_mismatches)
+                        MASKED_INPUT_NAMES, OUTPUT_NAMES, TRAIN_PT, NotAnExport, build, input_names, read_manifest,
+                        sample_inputs, sha256, sum_mismatches)
 from .loss import COMPONENT_NAMES, LAMBDA_NAMES, RNNLoss
 from .trainer import CTRNNTrainer
 
@@ -40,11 +40,12 @@ def axis_names(batch_first: bool) -> Tuple[str, str]:
     return ("batch", "time") if batch_first else ("time", "batch")
 
 
-def dynamic_shapes(batch_first: bool) -> Dict[str, Dict[int, Any]]:
+def dynamic_shapes(batch_first: bool, names: Sequence[str] = INPUT_NAMES) -> Dict[str, Dict[int, Any]]:
+    """One ``time`` and one ``batch`` dimension shared by every input; the last axis is static."""
     from torch.export import Dim
     dims = {name: Dim(name, min=1) for name in ("time", "batch")}
     first, second = axis_names(batch_first)
-    return {name: {0: dims[first], 1: dims[second]} for name in INPUT_NAMES}
+    return {name: {0: dims[first], 1: dims[second]} for name in names}
 
 
 @contextlib.contextmanager
@@ -81,24 +82,30 @@ def export_torchscript(module: torch.nn.Module, path: Path) -> None:
 
 
 def export_pt2(loss: RNNLoss, example: Sequence[torch.Tensor], path: Path) -> None:
-    with _quiet():
-        program = torch.export.export(loss, tuple(example), dynamic_shapes=dynamic_shapes(loss.model.batch_first))
-        # Saved with the program, the example inputs (T·B·N_hid rates) would outweigh the weights of
-        # a small model; loading and running the program does not need them.
-        program.example_inputs = None
-        save_through_memory(lambda f: torch.export.save(program, f), path)
+    """The torch.export program, with the refusals its input guards lack (see graph_checks)."""
+    with _quiet(), graph_checks.traced_refusals(loss):
+        program = torch.export.export(loss, tuple(example),
+                                      dynamic_shapes=dynamic_shapes(loss.model.batch_first, input_names(example)))
+    # The program is saved with its example inputs, whose T·B·N_hid rates can outweigh the weights.
+    # A 2 x 2 slice of them keeps what loading uses them for (the guards' messages name the inputs'
+    # axes) at a negligible size.
+    program.example_inputs = (tuple(t[:2, :2].clone() for t in example), {})
+    save_through_memory(lambda f: torch.export.save(program, f), path)
 
 
 def export_onnx(loss: RNNLoss, example: Sequence[torch.Tensor], path: Path, opset: Optional[int]) -> int:
-    """Write a self-contained ONNX graph and run the full checker; returns the opset used."""
+    """Write a self-contained ONNX graph with its run-time refusals (see graph_checks) and run the
+    full checker; returns the opset used."""
     import onnx
     kwargs = {} if opset is None else {"opset_version": opset}
+    names = input_names(example)
     with _quiet():
-        torch.onnx.export(loss, tuple(example), str(path), dynamo=True, input_names=list(INPUT_NAMES),
-                          output_names=list(OUTPUT_NAMES), dynamic_shapes=dynamic_shapes(loss.model.batch_first),
+        torch.onnx.export(loss, tuple(example), str(path), dynamo=True, input_names=list(names),
+                          output_names=list(OUTPUT_NAMES), dynamic_shapes=dynamic_shapes(loss.model.batch_first, names),
                           external_data=False, **kwargs)
-    proto = onnx.load(str(path))
+    proto = graph_checks.add_onnx_refusals(onnx.load(str(path)))
     onnx.checker.check_model(proto, full_check=True)
+    onnx.save(proto, str(path))
     return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
 
 
@@ -116,22 +123,25 @@ def write_artifacts(config: Dict[str, Any], folder: Path) -> Dict[str, Any]:
     """Write the four graphs into ``folder``; returns the manifest (without parity results)."""
     loss = build(config)
     ex = config["example"]
-    example = sample_inputs(loss, ex["time"], ex["batch"], seed=config["seed"])
+    example = sample_inputs(loss, ex["time"], ex["batch"], seed=config["seed"], mask=config["mask"])
     export_torchscript(loss, folder / LOSS_PT)
     export_torchscript(CTRNNTrainer(loss), folder / TRAIN_PT)  # eval mode, as the loss
     export_pt2(loss, example, folder / LOSS_PT2)
     opset = export_onnx(loss, example, folder / LOSS_ONNX, config["opset"])
     first, second = axis_names(loss.model.batch_first)
     n_in, n_hid, n_out = config["model"]["dims"]
+    inputs = {"pred": [first, second, n_out], "label": [first, second, n_out], "states": [first, second, n_hid]}
+    if config["mask"]:
+        inputs["mask"] = [first, second, n_out]
     return {
         "generator": GENERATOR,
         "component_names": list(COMPONENT_NAMES),
         "lambdas": {name: config["loss"][key] for name, key in zip(COMPONENT_NAMES, LAMBDA_NAMES)},
         "active": loss.active,
         "dims": {"n_in": n_in, "n_hid": n_hid, "n_out": n_out},
-        "inputs": {"pred": [first, second, n_out], "label": [first, second, n_out], "states": [first, second, n_hid]},
+        "inputs": inputs,
         "outputs": {"total": [], "components": [len(COMPONENT_NAMES)]},
-        "train_module": {"forward": "(x, target) -> (total, components, output, states)",
+        "train_module": {"forward": "(x, target, mask=None) -> (total, components, output, states)",
                          "x": [first, second, n_in], "target": [first, second, n_out],
                          "methods": ["enforce_constraints()", "set_lambda(name, value)", "dims()", "is_batch_first()"]},
         "opset": opset,
