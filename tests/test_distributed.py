@@ -87,7 +87,7 @@ def test_synced_loss_and_ddp_gradients_equal_one_process_on_the_whole_batch(tmp_
         torch.testing.assert_close(r["total"], total, rtol=1e-5, atol=0)
         torch.testing.assert_close(r["comps"], comps, rtol=1e-5, atol=0)
         for name, g in grads.items():
-            # other reduction order (two partial sums + an all-reduce): rtol 1e-4 (DESIGN §6)
+            # other reduction order (two partial sums + an all-reduce): rtol 1e-4
             torch.testing.assert_close(r["grads"][name], g, rtol=1e-4, atol=1e-7, msg=name)
 
 

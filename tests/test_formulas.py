@@ -1,4 +1,4 @@
-"""Each component against the float64 reference of DESIGN.md §2, plus hand-worked cases."""
+"""Each component against the independent float64 reference (tests/reference.py), plus hand-worked cases."""
 import math
 import random
 
@@ -32,7 +32,7 @@ def assert_matches_reference(loss, pred, label, states, rtol):
 @pytest.mark.parametrize("active", [(i,) for i in range(7)] + [tuple(range(7))],
                          ids=lambda a: "+".join(("mse", "in", "hid", "out", "fr", "fr_sd", "fr_cv")[i] for i in a))
 def test_float64_component_equals_reference_to_1e10(shape, active):
-    # float64 against the float64 formulas: rtol 1e-10 (DESIGN §6), only summation order differs.
+    # float64 against the float64 formulas: rtol 1e-10: only summation order differs.
     t, b, n_in, n_hid, n_out = shape
     model = make_model((n_in, n_hid, n_out), dtype=torch.float64)
     loss = RNNLoss(model, **lambdas_for(active))

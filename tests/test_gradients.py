@@ -186,3 +186,27 @@ def test_fr_gradient_stays_finite_when_the_float32_sum_of_squares_overflows():
     assert comps[4].item() == float("inf")
     (grad,) = torch.autograd.grad(comps[4], states)
     torch.testing.assert_close(grad, torch.full_like(states, 0.5 * 2 * 1e20 / states.numel()), rtol=1e-6, atol=0)
+
+
+def test_per_sample_gradients_with_torch_func_equal_a_loop_over_samples():
+    # torch.func.vmap(grad(...)) goes through the eager fast path's autograd Function.
+    from torch.func import grad, vmap
+
+    from rnnloss.trainer import CTRNNTrainer
+    model = make_model((3, 6, 2), dtype=torch.float64, activation="softplus")
+    trainer = CTRNNTrainer(RNNLoss(model, **ALL_ON))  # model + loss: one functional call
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(5, 4, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(5, 4, 2, generator=g, dtype=torch.float64)
+    params = {k: v.detach() for k, v in trainer.named_parameters() if v.requires_grad}
+
+    def one_sample(p, xb, yb):
+        return functional_call(trainer, p, (xb.unsqueeze(1), yb.unsqueeze(1)))[0]
+
+    batched = vmap(grad(one_sample), in_dims=(None, 1, 1))(params, x, y)
+    for b in range(4):
+        trainer.zero_grad()
+        trainer(x[:, b:b + 1], y[:, b:b + 1])[0].backward()
+        for name, p in trainer.named_parameters():
+            if p.requires_grad:  # float64, same formulas: rounding-level agreement
+                torch.testing.assert_close(batched[name][b], p.grad, rtol=1e-10, atol=1e-14, msg=name)

@@ -1,4 +1,4 @@
-"""Every misuse in DESIGN.md §3 raises a message naming the argument, expected and given value —
+"""Every documented misuse raises a message naming the argument, expected and given value —
 the same text from the eager and the scripted module."""
 import math
 

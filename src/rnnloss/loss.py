@@ -150,8 +150,10 @@ class _RateSums(torch.autograd.Function):
     saved rates, so autograd differentiates it again for second-order gradients.
     """
 
+    generate_vmap_rule = True  # torch.func (grad, vmap for per-sample gradients) works through it
+
     @staticmethod
-    def forward(ctx, states: Tensor, need_sq: bool, need_col: bool):  # type: ignore[override]
+    def forward(states: Tensor, need_sq: bool, need_col: bool):  # type: ignore[override]
         zero = torch.zeros((), dtype=torch.float64, device=states.device)
         sumsq, colsum = zero, zero
         if need_sq and states.dtype == torch.float64:
@@ -161,9 +163,13 @@ class _RateSums(torch.autograd.Function):
             sumsq = (norms * norms).sum()
         if need_col:
             colsum = _neuron_sums_f64(states)
+        return sumsq, colsum
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        states, need_sq, need_col = inputs
         ctx.save_for_backward(states)
         ctx.need = (need_sq, need_col)
-        return sumsq, colsum
 
     @staticmethod
     def backward(ctx, g_sq: Tensor, g_col: Tensor):  # type: ignore[override]
