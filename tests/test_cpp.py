@@ -95,7 +95,9 @@ def python_loss_result(loss, pred, label, states, mask=None):
     return total.detach(), components.detach(), grads[0], d_states, grads[-len(params):], [n for n, _ in params]
 
 
-def assert_loss_result(got, ref, tol, where):
+def assert_loss_result(got, ref, tol, where, input_tol=None):
+    """C++ result ``got`` against Python's ``ref``; ``input_tol`` (default ``tol``) for d/dpred, d/dstates."""
+    input_tol = input_tol or tol
     status, total, components, d_pred, d_states, d_params, names = got
     assert status == "ok", (where, got)
     r_total, r_comps, r_pred, r_states, r_params, r_names = ref
@@ -103,11 +105,11 @@ def assert_loss_result(got, ref, tol, where):
     torch.testing.assert_close(total, r_total, **tol, msg=lambda m: f"{where} total: {m}")
     assert torch.equal(components == 0, r_comps == 0), f"{where}: inactive components must be exactly 0"
     torch.testing.assert_close(components, r_comps, **tol, msg=lambda m: f"{where} components: {m}")
-    torch.testing.assert_close(d_pred, r_pred, **tol, msg=lambda m: f"{where} d/dpred: {m}")
+    torch.testing.assert_close(d_pred, r_pred, **input_tol, msg=lambda m: f"{where} d/dpred: {m}")
     if r_states is None:
         assert d_states is None, where
     else:
-        torch.testing.assert_close(d_states, r_states, **tol, msg=lambda m: f"{where} d/dstates: {m}")
+        torch.testing.assert_close(d_states, r_states, **input_tol, msg=lambda m: f"{where} d/dstates: {m}")
     for name, g, r in zip(names, d_params, r_params):
         torch.testing.assert_close(g, r, **tol, msg=lambda m: f"{where} d/d{name}: {m}")
 
@@ -165,6 +167,30 @@ def test_native_masked_mse_equals_python_eager(programs, tmp_path):
     for (name, mask), got in zip(masks.items(), results):
         assert_loss_result(got, python_loss_result(loss, pred, label, states, mask), TOL[torch.float32], name)
     assert results[-1][2][0] == 0 and torch.all(results[-1][3] == 0)  # Σw = 0: mse 0, zero gradient
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_native_loss_accumulates_half_precision_in_float32_like_python(programs, tmp_path, dtype):
+    loss = make_loss()
+    pred, label, states = (t.to(dtype) for t in loss_inputs(loss))
+    results = run_cases(programs, tmp_path, [native_payload(loss)],
+                        [{"kind": "loss", "artifact": 0, "pred": pred, "label": label, "states": states}])
+    assert results[0][1].dtype == torch.float32
+    # Both sides upcast the same half-precision values and compute in float32 (rtol 1e-5); the
+    # gradients w.r.t. pred and states come back in their half dtype, rounded once from float32
+    # values that agree to 1e-5: they agree to one rounding, rtol = that dtype's eps.
+    assert_loss_result(results[0], python_loss_result(loss, pred, label, states), TOL[torch.float32], str(dtype),
+                       input_tol=dict(rtol=torch.finfo(dtype).eps, atol=0.0))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_native_lambdas_stay_float64_and_exact_under_dtype_conversion(programs, tmp_path, dtype):
+    loss = make_loss(dtype=torch.float64, lambdas=dict(lambda_mse=0.1, lambda_fr=1 / 3))  # not exact in float32
+    results = run_cases(programs, tmp_path, [native_payload(loss)], [{"kind": "to_dtype", "artifact": 0,
+                                                                      "dtype": dtype}])
+    lambdas, weight = results[0][1], results[0][2]
+    assert lambdas.dtype == torch.float64 and torch.equal(lambdas, loss.lambdas)
+    assert weight.dtype == getattr(torch, dtype)
 
 
 # ---- the model ----

@@ -129,14 +129,17 @@ std::vector<std::string> RNNLossImpl::active() const {
   return out;
 }
 
+// Module::to(dtype) would round λ: keep the float64 values, follow the device only.
 void RNNLossImpl::to(torch::Device device, torch::Dtype dtype, bool non_blocking) {
+  auto exact = lambdas.detach().clone();
   torch::nn::Module::to(device, dtype, non_blocking);
-  lambdas.set_data(lambdas.to(torch::kFloat64));
+  lambdas.set_data(exact.to(lambdas.device()));
 }
 
 void RNNLossImpl::to(torch::Dtype dtype, bool non_blocking) {
+  auto exact = lambdas.detach().clone();
   torch::nn::Module::to(dtype, non_blocking);
-  lambdas.set_data(lambdas.to(torch::kFloat64));
+  lambdas.set_data(exact.to(lambdas.device()));
 }
 
 void RNNLossImpl::set_lambda(const std::string& name, double value) {
@@ -228,10 +231,12 @@ std::tuple<torch::Tensor, torch::Tensor> RNNLossImpl::forward(const torch::Tenso
   if (on_[kHid]) c[kHid] = mean_square(w_hid).to(dtype);
   if (on_[kOut]) c[kOut] = mean_square(w_out).to(dtype);
   if (states.defined() && need_states_) {
-    // fr and the per-neuron means from float64 sums; the statistics in float64, then cast.
-    if (on_[kFr]) c[kFr] = (sum_of_squares_f64(states) / static_cast<double>(states.numel())).to(dtype);
+    // fr and the per-neuron means from float64 sums; the statistics in float64, then cast. One
+    // upcast of the rates: both terms' gradients add in float32 and round to half precision once.
+    auto rates = states.to(accumulation_dtype(states));
+    if (on_[kFr]) c[kFr] = (sum_of_squares_f64(rates) / static_cast<double>(states.numel())).to(dtype);
     if (need_means_) {
-      auto [sd, cv] = rate_sd_cv(neuron_sums_f64(states) / static_cast<double>(states.numel() / n_hid));
+      auto [sd, cv] = rate_sd_cv(neuron_sums_f64(rates) / static_cast<double>(states.numel() / n_hid));
       if (on_[kFrSd]) c[kFrSd] = sd.to(dtype);
       if (on_[kFrCv]) c[kFrCv] = cv.to(dtype);
     }

@@ -166,6 +166,11 @@ IValue run_case(const std::vector<IValue>& artifacts, const Dict& c) {
                                         .lambda_out(v(3)).lambda_fr(v(4)).lambda_fr_sd(v(5)).lambda_fr_cv(v(6)));
     return tuple({std::string("ok"), loss->lambdas.clone()});
   }
+  if (kind == "to_dtype") {  // loss->to(float32 | float16): the λ buffer and a weight afterwards
+    auto ex = artifact(artifacts, c);
+    ex.loss->to(get(c, "dtype").toStringRef() == "float16" ? torch::kFloat16 : torch::kFloat32);
+    return tuple({std::string("ok"), ex.loss->lambdas.clone(), ex.model->readout_layer->weight.detach().clone()});
+  }
   if (kind == "set_lambda") {
     auto ex = artifact(artifacts, c);
     ex.loss->set_lambda(get(c, "name").toStringRef(), get(c, "value").toDouble());
