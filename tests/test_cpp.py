@@ -342,6 +342,16 @@ def test_errors_equal_pythons(programs, tmp_path):
             assert tuple(got) == ("error", kind, message), case
 
 
+def test_a_component_annealed_to_zero_stays_active_after_load(programs, tmp_path):
+    loss = make_loss(lambdas=dict(lambda_mse=1.0, lambda_fr=0.25))
+    loss.set_lambda("fr", 0.0)
+    results = run_cases(programs, tmp_path, [native_payload(loss)],
+                        [{"kind": "set_lambda", "artifact": 0, "name": "fr", "value": 0.5},
+                         {"kind": "set_lambda", "artifact": 0, "name": "in", "value": 0.5}])
+    assert results[0][0] == "ok" and results[0][1].tolist() == [1.0, 0, 0, 0, 0.5, 0, 0]
+    assert results[1][:2] == ("error", "ValueError")  # 'in' was never active
+
+
 def test_scripted_module_errors_reach_cpp_as_jit_exception_not_c10_error(programs, tmp_path):
     loss = make_loss()
     path = tmp_path / "loss.pt"
