@@ -40,7 +40,7 @@ ENGINE ?= native
 cpp: $(STAMP) $(OUT)/rnnloss_native.pt
 	cmake -S cpp -B $(BUILD) -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')"
 	cmake --build $(BUILD) -j2
-	$(BUILD)/train_ctrnn $(OUT) --engine $(ENGINE) --steps $(STEPS) --device cpu
+	$(BUILD)/train_ctrnn $(OUT) --engine $(ENGINE) --steps $(STEPS) --device cpu --out $(BUILD)/ctrnn_trained_$(ENGINE).pt
 
 clean:
 	rm -rf build $(OUT) .pytest_cache
