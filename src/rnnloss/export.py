@@ -122,7 +122,7 @@ def versions() -> Dict[str, Optional[str]]:
 
 
 def write_artifacts(config: Dict[str, Any], folder: Path) -> Dict[str, Any]:
-    """Write the four graphs into ``folder``; returns the manifest (without parity results)."""
+    """Write the four graphs and the native weights file into ``folder``; returns the manifest (without parity results)."""
     loss = build(config)
     ex = config["example"]
     example = sample_inputs(loss, ex["time"], ex["batch"], seed=config["seed"], mask=config["mask"])
@@ -183,7 +183,7 @@ def require_onnx() -> None:
 MEMORY_BASE = 1 << 30
 MEMORY_PER_WEIGHT_BYTE = 24
 MEMORY_PER_RATE_BYTE = 64
-DISK_PER_WEIGHT_BYTE = 5  # four graphs hold the weights once each; one spare for another artifact
+DISK_PER_WEIGHT_BYTE = 6  # five artifacts (four graphs, the native file) hold the weights once each; one spare
 
 
 def resource_estimate(config: Dict[str, Any]) -> Tuple[int, int]:
