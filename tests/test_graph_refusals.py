@@ -30,6 +30,7 @@ def graphs(tmp_path_factory):
     session = ort.InferenceSession(str(folder / export.LOSS_ONNX), providers=["CPUExecutionProvider"])
     return {
         "eager": loss,
+        "onnx_path": str(folder / export.LOSS_ONNX),
         "torchscript": torch.jit.load(str(folder / export.LOSS_PT)),
         "pt2": torch.export.load(str(folder / export.LOSS_PT2)).module(),
         "onnxruntime": lambda *xs: [torch.from_numpy(a) for a in session.run(
@@ -79,6 +80,24 @@ def test_exported_graph_refuses_what_eager_refuses(graphs, case, runtime):
         graphs["eager"](*inputs)  # eager refuses it with the message TorchScript gives
     with pytest.raises(Exception, match=messages[runtime]):
         graphs[runtime](*inputs)
+
+
+# Inputs that ONNX Runtime refuses from the graph's input declarations alone.
+UNDECLARED = {
+    "pred_and_label_wrong_n_out": shapes(pred=(T, B, N_OUT + 1), label=(T, B, N_OUT + 1)),
+    "rank_2": (torch.rand(T, N_OUT), torch.rand(T, N_OUT), torch.rand(T, B, N_HID)),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED) + list(UNDECLARED))
+def test_onnx_reference_evaluator_refuses_too(graphs, case):
+    # ONNX's own evaluator checks no input declaration: the graph's check nodes must refuse.
+    # It raises NumPy's error from the failing Reshape (the node name is not in its message).
+    from onnx.reference import ReferenceEvaluator
+    inputs = REFUSED[case][0] if case in REFUSED else UNDECLARED[case]
+    evaluator = ReferenceEvaluator(graphs["onnx_path"])
+    with pytest.raises(Exception):
+        evaluator.run(None, {name: x.numpy() for name, x in zip(export.INPUT_NAMES, inputs)})
 
 
 def test_onnx_refusals_leave_the_values_on_one_sample_unchanged(graphs):

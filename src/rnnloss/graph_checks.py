@@ -12,7 +12,8 @@ An exported graph has no Python around it, so the checks it can see must be part
   pre-hook, so ``loss.py`` itself is unchanged: pred and states must not be empty, and mask
   weights must be finite and >= 0.
 - **ONNX**. ONNX Runtime checks rank, dtype and the static axes of each input against the graph's
-  declaration, nothing else, and the ONNX exporter drops torch's assertion nodes.
+  declaration, nothing else (other runtimes may not check even that), and the ONNX exporter drops
+  torch's assertion nodes.
   :func:`add_onnx_refusals` adds check nodes to the exported model: each check gates the input it
   is about through a ``Reshape`` to the input's own shape when the check holds and to an invalid
   shape (``[-2, …]``) when it fails. Every consumer of that input reads the gated tensor, so the
@@ -79,9 +80,11 @@ def add_onnx_refusals(model):
             weight >= 0 and < inf (NaN fails both comparisons)
     ======  =====================================================================================
 
-    "time and batch sizes" are the axes the graph declares with a ``dim_param``. Rank, dtype and
-    the static last axes (N_out, N_hid) are ONNX Runtime's own input checks, so with them
-    ``LABEL_SHAPE`` and ``MASK_SHAPE`` mean the whole shape is pred's. States must share pred's
+    Before these, every input's rank and static axes (N_out, N_hid) are checked against the
+    graph's declaration (``states must have shape [time, batch, 64]``): ONNX Runtime checks them
+    itself, other runtimes (``onnx.reference``) do not. "time and batch sizes" are the axes the
+    graph declares with a ``dim_param``, so ``LABEL_SHAPE`` and ``MASK_SHAPE`` mean the whole shape
+    is pred's. Dtypes are left to the runtime. States must share pred's
     sizes although eager does not ask it: the exporter takes the shared symbols from whichever input
     comes first, so a graph fed states of other sizes would divide the mse by a count read from
     states — a wrong number.
@@ -130,6 +133,17 @@ def add_onnx_refusals(model):
         picked = [node("Gather", [shape(name), const(idx)], axis=0) for name, idx in ((x, axes), ("pred", theirs))]
         return all_true(node("Equal", picked))
 
+    # Rank and static axes first (what ONNX Runtime checks from the declarations, but other
+    # runtimes, e.g. onnx.reference, do not), so the gathers below read axes that exist.
+    for x in sorted(names):
+        dims = list(graph.input)[[i.name for i in graph.input].index(x)].type.tensor_type.shape.dim
+        message = "{} must have shape [{}]".format(x, ", ".join(d.dim_param or str(d.dim_value) for d in dims))
+        rank_ok = node("Equal", [node("Size", [shape(gated[x])]), const([len(dims)], scalar=True)])
+        gate(x, rank_ok, "{} (rank {})".format(message, len(dims)))  # node names must be unique
+        static = [k for k, d in enumerate(dims) if not d.dim_param]
+        if static:
+            sizes = node("Gather", [shape(gated[x]), const(static)], axis=0)
+            gate(x, all_true(node("Equal", [sizes, const([dims[k].dim_value for k in static])])), message)
     if "pred" in names:
         for x, message in (("label", LABEL_SHAPE), ("states", STATES_SAMPLES), ("mask", MASK_SHAPE)):
             if x in names:
