@@ -2,6 +2,21 @@ r"""The composite CTRNN loss: task MSE, weight-size penalties and firing-rate re
 
 Every formula lives in one function here with its math in the docstring; :class:`RNNLoss`
 only validates its inputs, picks the active ones and applies the λ weights.
+
+How the sums are taken (accuracy and speed; measured in BENCHMARKS.md):
+
+- Rate statistics (``fr``, ``fr_sd``, ``fr_cv``) need two sums over the rates r (M samples × N
+  neurons): Σ r² and the per-neuron sums Σ_s r_{s,i}. Both are accumulated so that float32 rates
+  keep the contract's accuracy at 10^7 elements: Σ r² as squared row norms (N terms each) added in
+  float64; the per-neuron sums over blocks of rows in the rates' dtype, the block sums added in
+  float64 (:func:`rate_sums`).
+- Eager mode wraps those sums in an autograd Function whose backward writes the gradient
+  :math:`2 g_{sq}\, r + g_{col}` in one fused pass; that backward is itself made of differentiable
+  operations, so second-order gradients (Hessian-vector products, gradient penalties) are exact.
+- TorchScript and ``torch.compile`` run the same sums as plain differentiable operations
+  (TorchScript cannot compile an autograd Function; the compiler fuses them itself).
+- ``torch.export`` (and so the ONNX exporter) gets the sums in float64 throughout: other runtimes
+  (ONNX Runtime) add long reductions sequentially, which in float32 misses the accuracy bound.
 """
 import difflib
 import math
@@ -11,15 +26,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import accumulation_dtype, check_float_tensor, shape_of
+from ._checks import accumulation_dtype, check_float_tensor, dtype_name, shape_of
 from .model import CTRNN
 
 COMPONENT_NAMES: Tuple[str, ...] = ("mse", "in", "hid", "out", "fr", "fr_sd", "fr_cv")
 LAMBDA_NAMES: Tuple[str, ...] = tuple("lambda_" + name for name in COMPONENT_NAMES)
+FLOAT32_MAX = 3.4028234663852886e38  # the largest λ accepted: every λ must be finite in float32
 
 
-def _tracing() -> bool:
-    """True while torch.export (and so the ONNX exporter) traces: no data-dependent loops there."""
+def _exporting() -> bool:
+    """True while torch.export (and so the ONNX exporter) traces the loss."""
+    if torch.jit.is_scripting():
+        return False
+    return torch.compiler.is_exporting()
+
+
+def _compiling() -> bool:
+    """True while torch.compile or torch.export traces: no autograd Function, no data-dependent checks."""
     if torch.jit.is_scripting():
         return False
     return torch.compiler.is_compiling()
@@ -28,78 +51,153 @@ def _tracing() -> bool:
 def mean_square(x: Tensor) -> Tensor:
     r"""Mean of squares over every element: :math:`\frac{1}{n}\sum_k x_k^2`.
 
-    Used for the weight penalties (:math:`\|W\|_F^2 / (\text{rows}\cdot\text{cols})`) and for
-    ``fr`` (the mean of r², not the square of the mean). float16/bfloat16 accumulate in float32.
-
-    For large ``x`` (the rates) the obvious ``x.square().mean()`` materialises a full-size
-    temporary (fresh pages on the CPU) and its backward two more. Here instead:
-
-    - the value is summed chunk by chunk along dim 0, one ``dot(chunk, chunk)`` per ~2^18
-      elements on the CPU (no temporary; float32 error ~1e-8 per chunk; one dot per 2^30 on
-      CUDA, whose tree reduction is accurate), the chunk sums added in float64;
-    - the gradient :math:`2x/n` comes from a surrogate ``s = (2/n)·dot(x, x.detach())`` added as
-      ``s − s.detach()`` — exactly 0 in value (and dropped where s is not finite, so an infinite
-      rate gives inf, not inf − inf) and exactly :math:`2x/n` in gradient, one fused pass
-      backward. It is built only when a gradient is wanted.
-
-    Under torch.export / ONNX export (no data-dependent loops) the value is the sum of squared
-    norms over the last axis instead; the parity suite checks that both give the same numbers,
-    and that ONNX Runtime meets the 1e-5 accuracy bound at 10^7 elements.
+    The weight penalties: :math:`\|W\|_F^2 / (\text{rows}\cdot\text{cols})`. float16/bfloat16
+    accumulate in float32. Plain differentiable operations (second order exact).
     """
-    acc = accumulation_dtype(x)
-    n = x.numel()
-    if x.dim() == 0:
-        xa = x.to(acc)
-        return xa * xa
-    if _tracing():
-        # Exported graphs: norms over the last axis (ONNX ReduceL2: one pass, no x² temporary),
-        # then the sum of their squares. Reducing one axis at a time also keeps ONNX Runtime
-        # accurate: its single flat ReduceMean of x² is off by 1e-3 at 16 M elements.
-        norms = torch.linalg.vector_norm(x.to(acc), dim=-1)
-        return (norms * norms).sum() / n
-    # CPU: chunks of about 2^18 elements, one BLAS dot each (no temporary at all), short enough
-    # that its float32 accumulation stays exact to ~1e-8 relative; chunk sums added in float64.
-    # CUDA: cuBLAS reduces in a tree (error ~log n·ε), so one dot per 2^30 elements (one launch).
-    chunk_elements = 1073741824 if x.is_cuda else 262144
-    rows = max(1, chunk_elements // max(1, n // x.size(0)))
-    xd = x.detach()
-    parts: List[Tensor] = []
-    for start in range(0, x.size(0), rows):
-        chunk = xd.narrow(0, start, min(rows, x.size(0) - start)).reshape(-1).to(acc)
-        parts.append(torch.dot(chunk, chunk))
-    total = torch.stack(parts).to(torch.float64).sum()
-    value = (total / n).to(acc)
-    if torch.is_grad_enabled() and x.requires_grad:
-        flat = x.reshape(-1).to(acc)
-        surrogate = torch.dot(flat, flat.detach()) * (2.0 / n)
-        # s − s.detach() is 0 for finite s; where s overflows, keep the value (inf stays inf).
-        offset = surrogate - surrogate.detach()
-        value = value + torch.where(torch.isfinite(surrogate), offset, torch.zeros_like(offset))
-    return value
+    xa = x.to(accumulation_dtype(x))
+    return (xa * xa).sum() / x.numel()
 
 
-def mean_squared_error(pred: Tensor, label: Tensor) -> Tensor:
-    r"""``mse``: :math:`\frac{1}{n}\sum_k (\hat y_k - y_k)^2` over every element (any shape)."""
+def mean_squared_error(pred: Tensor, label: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    r"""``mse``: the (weighted) mean of squared errors over every element (any shape).
+
+    .. math::
+        \text{without a mask: } \frac{1}{n}\sum_k (\hat y_k - y_k)^2, \qquad
+        \text{with weights } w: \frac{\sum_k w_k (\hat y_k - y_k)^2}{\sum_k w_k}
+
+    ``mask`` is shaped like pred (one weight per element) or like pred without its last axis (one
+    weight per sample, counted once for each of the sample's N_out outputs, so the denominator is
+    N_out·Σw). Σw = 0 gives 0 with a zero gradient. A weight of 0 still propagates a NaN or inf
+    error (0·NaN is NaN). Returns float64 under torch.export (see the module docstring), else the
+    accumulation dtype of pred and label.
+    """
     acc = torch.promote_types(accumulation_dtype(pred), accumulation_dtype(label))
-    return F.mse_loss(pred.to(acc), label.to(acc))
+    if _exporting():
+        acc = torch.float64
+    diff = pred.to(acc) - label.to(acc)
+    if mask is None:
+        if _exporting():
+            return (diff * diff).sum() / diff.numel()
+        return F.mse_loss(pred.to(acc), label.to(acc))
+    w = mask.to(acc)
+    if mask.dim() == pred.dim():
+        weighted = (w * diff * diff).sum()
+        weight = w.sum()
+    else:
+        weighted = (w * (diff * diff).sum(-1)).sum()
+        weight = w.sum() * pred.size(-1)
+    return weighted / torch.where(weight == 0, torch.ones_like(weight), weight)
 
 
-def neuron_rate_sums(states: Tensor) -> Tuple[Tensor, int]:
-    r"""Per-neuron rate sums :math:`\sum_{s} r_{s,i}` over all M samples, and M.
+def _neuron_sums_f64(states: Tensor) -> Tensor:
+    r"""Per-neuron sums :math:`\sum_s r_{s,i}` in float64, accurate for float32 rates at 10^7.
 
-    ``states`` is (…, N_hid); every leading index (batch, time, …) is a sample. One reduction
-    over the sample axis; its backward is a broadcast view, not a materialised tensor.
+    Every leading axis but the first is summed in the rates' accumulation dtype (short sums), then
+    blocks of 1024 rows (each block sum float32-exact to ~1e-7), and the block sums are added in
+    float64. Differentiable.
     """
-    r = states.to(accumulation_dtype(states))
-    r2 = r.reshape(-1, r.size(-1))
-    return r2.sum(dim=0), r2.size(0)
+    block = 1024
+    acc = accumulation_dtype(states)
+    n_hid = states.size(-1)
+    if states.dim() == 1:
+        return states.to(torch.float64)
+    part = states
+    if states.dim() > 2:
+        part = states.sum(dim=list(range(1, states.dim() - 1)), dtype=acc)
+    rows = part.size(0)
+    blocks = rows // block
+    if blocks <= 1:
+        return part.to(torch.float64).sum(0)
+    head = part.narrow(0, 0, blocks * block).reshape(blocks, block, n_hid).sum(1, dtype=acc)
+    total = head.to(torch.float64).sum(0)
+    if blocks * block < rows:
+        total = total + part.narrow(0, blocks * block, rows - blocks * block).to(torch.float64).sum(0)
+    return total
 
 
-def neuron_mean_rates(states: Tensor) -> Tensor:
-    r"""Per-neuron mean rate :math:`\bar r_i = \frac{1}{M}\sum_{s} r_{s,i}` over all M samples."""
-    sums, samples = neuron_rate_sums(states)
-    # sum, then divide the N-vector: mean's backward would divide a full-size broadcast instead.
-    return sums / samples
+def _plain_rate_sums(states: Tensor, need_sq: bool, need_col: bool) -> Tuple[Tensor, Tensor]:
+    """Σr² and the per-neuron sums (float64) as plain differentiable operations (TorchScript, compile)."""
+    zero = torch.zeros((), dtype=torch.float64, device=states.device)
+    sumsq, colsum = zero, zero
+    if need_sq:
+        r = states.to(accumulation_dtype(states))
+        sumsq = (r * r).sum(-1).to(torch.float64).sum()
+    if need_col:
+        colsum = _neuron_sums_f64(states)
+    return sumsq, colsum
+
+
+def _exported_rate_sums(states: Tensor, need_sq: bool, need_col: bool) -> Tuple[Tensor, Tensor]:
+    """Σr² and the per-neuron sums for torch.export / ONNX: the rates cast to float64 first."""
+    r = states.to(torch.float64)
+    zero = torch.zeros((), dtype=torch.float64, device=states.device)
+    sumsq, colsum = zero, zero
+    if need_sq:
+        norms = torch.linalg.vector_norm(r, dim=-1)  # ONNX ReduceL2: no r² temporary
+        sumsq = (norms * norms).sum()
+    if need_col:
+        colsum = r.sum(dim=list(range(r.dim() - 1))) if r.dim() > 1 else r
+    return sumsq, colsum
+
+
+class _RateSums(torch.autograd.Function):
+    r"""Eager fast path: (Σr², per-neuron sums) with a one-pass backward.
+
+    Forward: Σr² as float64 sums of squared row norms (``vector_norm``: one read, no temporary;
+    float64 rates: a plain sum of squares), the per-neuron sums by :func:`_neuron_sums_f64`. Backward:
+    :math:`\partial/\partial r = 2 g_{sq}\, r + g_{col}` (``g_col`` broadcast over the samples)
+    written once by ``addcmul``. The backward is built from differentiable operations on the
+    saved rates, so autograd differentiates it again for second-order gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, states: Tensor, need_sq: bool, need_col: bool):  # type: ignore[override]
+        zero = torch.zeros((), dtype=torch.float64, device=states.device)
+        sumsq, colsum = zero, zero
+        if need_sq and states.dtype == torch.float64:
+            sumsq = (states * states).sum()  # no sqrt-then-square rounding for float64 rates
+        elif need_sq:
+            norms = torch.linalg.vector_norm(states, dim=-1, dtype=accumulation_dtype(states)).to(torch.float64)
+            sumsq = (norms * norms).sum()
+        if need_col:
+            colsum = _neuron_sums_f64(states)
+        ctx.save_for_backward(states)
+        ctx.need = (need_sq, need_col)
+        return sumsq, colsum
+
+    @staticmethod
+    def backward(ctx, g_sq: Tensor, g_col: Tensor):  # type: ignore[override]
+        (states,) = ctx.saved_tensors
+        need_sq, need_col = ctx.need
+        acc = accumulation_dtype(states)
+        scale = (2.0 * g_sq).to(acc)
+        if need_sq and need_col:
+            grad = torch.addcmul(g_col.to(acc), states, scale)
+        elif need_sq:
+            grad = states * scale
+        else:
+            grad = g_col.to(acc).expand(states.shape)
+        return grad.to(states.dtype), None, None
+
+
+def rate_sums(states: Tensor, need_sq: bool, need_col: bool) -> Tuple[Tensor, Tensor]:
+    r"""float64 :math:`\sum_{s,i} r_{s,i}^2` and per-neuron sums :math:`\sum_s r_{s,i}` of the rates.
+
+    ``states`` is (…, N_hid); every leading index (batch, time, …) is a sample. Only the sums
+    asked for are computed (the other is a float64 zero). Eager mode uses :class:`_RateSums`,
+    TorchScript and torch.compile :func:`_plain_rate_sums`, torch.export
+    :func:`_exported_rate_sums`; all three give the same values to float32 rounding.
+    """
+    if torch.jit.is_scripting() or (_compiling() and not _exporting()):
+        return _plain_rate_sums(states, need_sq, need_col)
+    return _eager_or_exported_rate_sums(states, need_sq, need_col)
+
+
+@torch.jit.unused
+def _eager_or_exported_rate_sums(states: Tensor, need_sq: bool, need_col: bool) -> Tuple[Tensor, Tensor]:
+    if _exporting():
+        return _exported_rate_sums(states, need_sq, need_col)
+    return _RateSums.apply(states, need_sq, need_col)
 
 
 def rate_sd_cv(mean_rates: Tensor) -> Tuple[Tensor, Tensor]:
@@ -136,12 +234,13 @@ def rate_sd_cv(mean_rates: Tensor) -> Tuple[Tensor, Tensor]:
 class RNNLoss(nn.Module):
     r"""Composite loss of a :class:`~rnnloss.CTRNN`.
 
-    ``forward(pred, label, states=None) -> (total, components)`` where ``components`` has length 7
-    in the fixed order of :attr:`component_names` (λ already applied) and ``total`` is
-    ``components.sum()``:
+    ``forward(pred, label, states=None, mask=None) -> (total, components)`` where ``components``
+    has length 7 in the fixed order of :attr:`component_names` (λ already applied) and ``total``
+    is ``components.sum()``:
 
     ====  ========  ==========================================================================
-    0     mse       λ_mse · mean((pred − label)²) over every element
+    0     mse       λ_mse · mean((pred − label)²) over every element; with a mask w:
+                    λ_mse · Σ w·(pred − label)² / Σ w  (:func:`mean_squared_error`)
     1     in        λ_in · ‖W_in‖²_F / (N_in · N_hid)
     2     hid       λ_hid · ‖W_hid‖²_F / N_hid²
     3     out       λ_out · ‖W_out‖²_F / (N_out · N_hid)
@@ -156,13 +255,21 @@ class RNNLoss(nn.Module):
 
     The weights are the live parameters of ``model`` (held as the submodule ``model``). A
     component whose λ is 0 at construction is inactive: never computed, its entry exactly 0.
-    The λ values are the float buffer ``lambdas`` (shape [7]); change it at run time to anneal
-    an active component.
+
+    λ values live in the float64 buffer ``lambdas`` (shape [7]): it moves with ``.to(device)``,
+    keeps float64 under ``.float()``/``.half()`` (so float64 inputs get λ exactly), is saved in
+    ``state_dict`` and can be changed at run time to anneal an active component. ``forward``
+    re-validates the buffer after every write to it (tracked by the tensor's version counter, so
+    a CUDA buffer is read back only after a write, never on every call): a negative, NaN or
+    infinite λ, or a non-zero λ for an inactive component, raises ValueError. Loading a
+    state_dict that gives an inactive component a non-zero λ raises too.
 
     Shape:
         - pred, label: any shape, identical (no broadcasting); commonly (T, B, N_out).
         - states: (…, N_hid), every leading index a sample; required when λ_fr, λ_fr_sd or
           λ_fr_cv > 0.
+        - mask: pred's shape or pred's shape without its last axis; floating, integer or bool
+          weights, finite and >= 0.
         - total: 0-dim; components: (7,). float16/bfloat16 inputs give float32; otherwise the
           promoted dtype of the inputs and weights.
     """
@@ -174,6 +281,9 @@ class RNNLoss(nn.Module):
     _need_means: Final[bool]
     sync_stats: Final[bool]
     n_hid: Final[int]
+    _lambda_version: int
+    _lambda_ptr: int
+    _lambda_max: Final[float]
 
     def __init__(
         self,
@@ -215,7 +325,11 @@ class RNNLoss(nn.Module):
         self._on = on  # type: ignore[assignment]
         self._need_means = on[5] or on[6]
         self._need_states = on[4] or self._need_means
-        self.register_buffer("lambdas", torch.tensor([float(v) for v in values], dtype=torch.float32))
+        self.register_buffer("lambdas", torch.tensor([float(v) for v in values], dtype=torch.float64))
+        self._lambda_version = -1  # the (version, data pointer) of the buffer last validated
+        self._lambda_ptr = 0
+        self._lambda_max = FLOAT32_MAX
+        self._register_load_state_dict_pre_hook(_refuse_inactive_lambdas, with_module=True)
 
     @property
     def active(self) -> List[str]:
@@ -228,33 +342,70 @@ class RNNLoss(nn.Module):
             raise RuntimeError(_SYNC_EAGER_ONLY)
         return self
 
+    def _apply(self, fn, recurse=True):
+        # .float(), .half(), .to(dtype) would round λ: keep the buffer float64, move its device only.
+        lambdas = self.lambdas
+        super()._apply(fn, recurse)
+        self._buffers["lambdas"] = lambdas.to(device=self._buffers["lambdas"].device)
+        return self
+
+    def _check_lambdas(self) -> None:
+        """Validate ``lambdas`` if it was written since the last check (one read-back per write)."""
+        ptr = 0  # TorchScript has no data_ptr(); there the version alone tells a write
+        if torch.jit.is_scripting():
+            version = self.lambdas._version()
+        else:
+            if _compiling():
+                return
+            version = _eager_version(self.lambdas)
+            ptr = self.lambdas.data_ptr()
+        if version == self._lambda_version and ptr == self._lambda_ptr:
+            return
+        values: List[float] = self.lambdas.tolist()
+        for i in range(len(values)):
+            value = values[i]
+            name = self.component_names[i]
+            # No number in these messages: eager, TorchScript and C++ print floats differently.
+            if not (value >= 0.0 and value <= self._lambda_max):
+                kind = "NaN" if value != value else ("a negative value" if value < 0.0 else
+                                                     "a value beyond float32's range")
+                raise ValueError("lambdas[{}] ('{}') must be finite and >= 0; it was set to {}".format(i, name, kind))
+            if value != 0.0 and not self._on[i]:
+                raise ValueError("lambdas[{}] ('{}') is non-zero but component '{}' is inactive (its lambda was 0 at "
+                                 "construction); build the loss with a non-zero lambda_{}".format(i, name, name, name))
+        self._lambda_version = version
+        self._lambda_ptr = ptr
+
     @torch.jit.unused
-    def _synced_statistics(self, pred: Tensor, label: Tensor, states: Optional[Tensor],
+    def _synced_statistics(self, pred: Tensor, label: Tensor, states: Optional[Tensor], mask: Optional[Tensor],
                            dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         """mse, fr, fr_sd, fr_cv over the global batch of every rank in the process group.
 
-        The sums each component needs — squared error and its count, Σr², the per-neuron rate
-        sums and the sample count — are packed into one float64 vector and all-reduced with an
-        autograd-aware all-reduce (:func:`_all_reduce_sum`). Its backward all-reduces
-        the gradient too, so each rank's gradient is world_size × its share; DDP's averaging
-        then yields exactly the single-process gradient of the global-batch loss.
+        The sums each component needs — the (weighted) squared error and its weight, Σr², the
+        per-neuron rate sums and the sample count — are packed into one float64 vector and
+        all-reduced with an autograd-aware all-reduce (:func:`_all_reduce_sum`). Its backward
+        all-reduces the gradient too, so each rank's gradient is world_size × its share; DDP's
+        averaging then yields exactly the single-process gradient of the global-batch loss.
         """
         f64 = torch.float64
         zero = torch.zeros((), dtype=f64, device=pred.device)
-        sq_err, count, samples, sum_sq = zero, zero, zero, zero
+        sq_err, weight, samples, sum_sq = zero, zero, zero, zero
         col = torch.zeros(self.n_hid, dtype=f64, device=pred.device)
         if self._on[0]:
-            sq_err = mean_squared_error(pred, label).to(f64) * pred.numel()
-            count = torch.full((), float(pred.numel()), dtype=f64, device=pred.device)
+            if mask is None:
+                weight = torch.full((), float(pred.numel()), dtype=f64, device=pred.device)
+            else:
+                weight = mask.to(f64).sum() * (1 if mask.dim() == pred.dim() else pred.size(-1))
+            sq_err = mean_squared_error(pred, label, mask).to(f64) * weight
         if states is not None and self._need_states:
             samples = torch.full((), float(states.numel() // self.n_hid), dtype=f64, device=pred.device)
+            sum_sq, sums = rate_sums(states, self._on[4], self._need_means)
             if self._need_means:
-                col = neuron_rate_sums(states)[0].to(f64)
-            if self._on[4]:
-                sum_sq = mean_square(states).to(f64) * states.numel()
-        packed = torch.cat([torch.stack([sq_err, count, samples, sum_sq]), col])
+                col = sums
+        packed = torch.cat([torch.stack([sq_err, weight, samples, sum_sq]), col])
         total = _all_reduce_sum(packed, self.process_group or torch.distributed.group.WORLD)
-        mse = (total[0] / total[1]).to(dtype) if self._on[0] else zero.to(dtype)
+        mse = (total[0] / torch.where(total[1] == 0, torch.ones_like(total[1]), total[1])).to(dtype) \
+            if self._on[0] else zero.to(dtype)
         fr = (total[3] / (total[2] * self.n_hid)).to(dtype) if self._on[4] else zero.to(dtype)
         fr_sd, fr_cv = zero.to(dtype), zero.to(dtype)
         if self._need_means:
@@ -266,8 +417,8 @@ class RNNLoss(nn.Module):
     def set_lambda(self, name: str, value: float) -> None:
         """Change an active component's λ at run time (annealing), from Python or C++.
 
-        ``name`` is one of :attr:`component_names`; ``value`` must be finite and >= 0. Setting a
-        component that was inactive at construction raises: it is not in the graph.
+        ``name`` is one of :attr:`component_names`; ``value`` must be finite in float32 and >= 0.
+        Setting a component that was inactive at construction raises: it is not in the graph.
         """
         index = -1
         for i in range(len(self.component_names)):
@@ -275,8 +426,9 @@ class RNNLoss(nn.Module):
                 index = i
         if index < 0:
             raise ValueError("set_lambda: name must be one of {}, got '{}'".format(self.component_names, name))
-        if not math.isfinite(value) or value < 0.0:
-            raise ValueError("set_lambda: value for '{}' must be finite and >= 0, got {}".format(name, value))
+        if not (value >= 0.0 and value <= self._lambda_max):
+            raise ValueError("set_lambda: value for '{}' must be finite (in float32) and >= 0, got {}".format(
+                name, value))
         if not self._on[index]:
             raise ValueError("set_lambda: component '{}' is inactive (its lambda was 0 at construction), "
                              "so it is never computed; build the loss with a non-zero lambda_{}".format(name, name))
@@ -286,7 +438,31 @@ class RNNLoss(nn.Module):
     def extra_repr(self) -> str:
         return ", ".join(f"{n}={float(v):g}" for n, v in zip(LAMBDA_NAMES, self.lambdas) if float(v) != 0.0)
 
-    def forward(self, pred: Tensor, label: Tensor, states: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    def _check_mask(self, mask: Tensor, pred: Tensor) -> Tensor:
+        """Validate ``mask`` (see the class docstring); returns it, poisoned with NaN where invalid in
+        TorchScript on CUDA (which has no asynchronous assert that survives its optimiser)."""
+        if mask.is_complex():
+            raise TypeError("mask must be a real tensor (floating point, integer or bool), got dtype {}".format(
+                dtype_name(mask)))
+        if mask.shape != pred.shape and mask.shape != pred.shape[:-1]:
+            raise ValueError("mask must have pred's shape {} or pred's shape without its last axis {}, got shape {}"
+                             .format(shape_of(pred), shape_of(pred)[:-1], shape_of(mask)))
+        if mask.device != pred.device:
+            raise ValueError("mask must be on pred's device {}, got {}".format(str(pred.device), str(mask.device)))
+        if mask.dtype == torch.bool or _compiling():
+            return mask
+        valid = torch.all((mask >= 0) & torch.isfinite(mask))
+        if not mask.is_cuda:
+            if not bool(valid):
+                raise ValueError("mask must hold finite weights >= 0")
+        elif torch.jit.is_scripting():
+            mask = torch.where(valid, mask.to(torch.float32), torch.full_like(mask, math.nan, dtype=torch.float32))
+        else:
+            torch._assert_async(valid, "mask must hold finite weights >= 0")
+        return mask
+
+    def forward(self, pred: Tensor, label: Tensor, states: Optional[Tensor] = None,
+                mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """Return ``(total, components)``; see the class docstring."""
         check_float_tensor(pred, "pred")
         check_float_tensor(label, "label")
@@ -305,6 +481,9 @@ class RNNLoss(nn.Module):
                     self.n_hid, shape_of(states)))
         elif self._need_states:
             raise ValueError("states is required when lambda_fr, lambda_fr_sd or lambda_fr_cv > 0, got None")
+        if mask is not None:
+            mask = self._check_mask(mask, pred)
+        self._check_lambdas()
 
         w_in = self.model.recurrent_layer.input_layer.weight
         w_hid = self.model.recurrent_layer.hidden_layer.weight
@@ -319,35 +498,54 @@ class RNNLoss(nn.Module):
         zero = torch.zeros((), dtype=dtype, device=pred.device)
         mse, c_in, c_hid, c_out, fr, fr_sd, fr_cv = zero, zero, zero, zero, zero, zero, zero
         if self.sync_stats:
-            if _tracing():
+            if _compiling():
                 raise RuntimeError(_SYNC_EAGER_ONLY)
-            mse, fr, sd, cv = self._synced_statistics(pred, label, states, dtype)
+            mse, fr, sd, cv = self._synced_statistics(pred, label, states, mask, dtype)
             if self._on[5]:
                 fr_sd = sd
             if self._on[6]:
                 fr_cv = cv
         elif self._on[0]:
-            mse = mean_squared_error(pred, label).to(dtype)
+            mse = mean_squared_error(pred, label, mask).to(dtype)
         if self._on[1]:
             c_in = mean_square(w_in).to(dtype)
         if self._on[2]:
             c_hid = mean_square(w_hid).to(dtype)
         if self._on[3]:
             c_out = mean_square(w_out).to(dtype)
-        if states is not None and not self.sync_stats:
-            # Both paths send states a gradient: fr a dense one, the spread a broadcast one, which
-            # autograd adds out of place whatever the order (measured; see BENCHMARKS.md).
+        if states is not None and self._need_states and not self.sync_stats:
+            sum_sq, sums = rate_sums(states, self._on[4], self._need_means)
+            samples = states.numel() // self.n_hid
+            if self._on[4]:
+                fr = (sum_sq / states.numel()).to(dtype)
             if self._need_means:
-                sd, cv = rate_sd_cv(neuron_mean_rates(states))
+                sd, cv = rate_sd_cv(sums / samples)
                 if self._on[5]:
                     fr_sd = sd.to(dtype)
                 if self._on[6]:
                     fr_cv = cv.to(dtype)
-            if self._on[4]:
-                fr = mean_square(states).to(dtype)
         raw = torch.stack([mse, c_in, c_hid, c_out, fr, fr_sd, fr_cv])
         components = raw * self.lambdas.to(device=raw.device, dtype=dtype)
         return components.sum(), components
+
+
+@torch.jit.unused
+def _eager_version(t: Tensor) -> int:
+    """The version counter of ``t`` (bumped by every in-place write); TorchScript spells it ``t._version()``."""
+    return t._version
+
+
+def _refuse_inactive_lambdas(module: "RNNLoss", state_dict, prefix, local_metadata, strict, missing_keys,
+                             unexpected_keys, error_msgs) -> None:
+    """load_state_dict pre-hook: a non-zero λ for a component inactive in this loss is an error."""
+    lambdas = state_dict.get(prefix + "lambdas")
+    if lambdas is None:
+        return
+    for i, (name, value) in enumerate(zip(COMPONENT_NAMES, lambdas.tolist())):
+        if value != 0.0 and not module._on[i]:
+            raise ValueError(f"state_dict gives lambdas[{i}] ('{name}') = {value}, but component '{name}' is inactive "
+                             f"in this loss (its lambda was 0 at construction); build the loss with a non-zero "
+                             f"lambda_{name} to load it")
 
 
 def _all_reduce_sum(t: Tensor, group) -> Tensor:
@@ -377,3 +575,5 @@ def _check_lambda(name: str, value) -> None:
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
+    if value > FLOAT32_MAX:
+        raise ValueError(f"{name} must be finite in float32 (at most {FLOAT32_MAX:.8g}), got {value!r}")
