@@ -47,13 +47,14 @@ LATEST_STAMP := $(LATEST_VENV)/.installed-stamp
 $(LATEST_STAMP): requirements/latest.txt requirements/onnx.txt requirements/test-tools.txt requirements/nn4n.txt pyproject.toml
 	$(call install_venv,$(LATEST_VENV),requirements/latest.txt,torch 2.14.1 CUDA build with its nvidia libraries: about 6 GB; several minutes)
 
-# The C++ tests build cpp/ against this torch's libtorch, a CUDA build: CMake accepts it only with a
-# CUDA toolkit, found through CUDA_PATH. Without one they are deselected, and the run says so first.
+# The C++ tests build cpp/ against this torch's libtorch, a CUDA build: CMake configures it only with
+# a CUDA toolkit, found through CUDA_PATH, and links it only if the toolkit has nvrtc. Without both
+# they are deselected, and the run says so first.
 CUDA_PATH ?= /usr/local/cuda
-LATEST_MARK := $(if $(wildcard $(CUDA_PATH)/bin/nvcc),,-m "not cpp")
+LATEST_MARK := $(if $(and $(wildcard $(CUDA_PATH)/bin/nvcc),$(wildcard $(CUDA_PATH)/lib64/libnvrtc.so*)),,-m "not cpp")
 
 test-latest: $(LATEST_STAMP)
-	@$(if $(LATEST_MARK),echo "== no CUDA toolkit at CUDA_PATH=$(CUDA_PATH): the C++ tests (marker cpp) cannot build against torch 2.14.1's CUDA libtorch and are deselected")
+	@$(if $(LATEST_MARK),echo "== no CUDA toolkit with nvcc and nvrtc at CUDA_PATH=$(CUDA_PATH): the C++ tests (marker cpp) cannot build against torch 2.14.1's CUDA libtorch and are deselected")
 	CUDA_PATH=$(CUDA_PATH) $(LATEST_PY) -m pytest $(LATEST_MARK) $(PYTEST_ARGS)
 
 ## Export every artifact with the embedded default config and print the parity table.
