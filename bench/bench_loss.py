@@ -2,14 +2,18 @@
 """Benchmark RNNLoss against the memory floor and a naive transcription, side by side.
 
 Prints medians of interleaved runs (every variant once per round, rounds repeated) and the
-ratios ours/floor and naive/ours, for eager, the scripted module and ONNX Runtime (forward);
-then a training step (CTRNN forward + loss + backward), eager vs scripted. Also checks, at full
-size, that every formulation agrees with float64. Usage:
+ratios ours/floor and naive/ours, for eager, the scripted module and ONNX Runtime (forward),
+and against the peer a user would pick: ``torch.compile`` of the naive transcription (and of
+RNNLoss itself, fullgraph); the peak extra memory of one forward + backward; then a training step
+(CTRNN forward + loss + backward), eager vs scripted vs C++. Also checks, at full size, that every
+formulation agrees with float64. Usage:
 
-    python bench/bench_loss.py [--device cpu|cuda] [--rounds N] [--sizes T,B,N ...]
+    python bench/bench_loss.py [--device cpu|cuda] [--rounds N] [--sizes T,B,N ...] [--no-compile]
 """
 import argparse
+import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -99,7 +103,46 @@ def fmt(seconds):
     return f"{seconds * 1e3:9.3f} ms" if seconds >= 1e-3 else f"{seconds * 1e6:9.1f} µs"
 
 
-def bench_loss(t, b, n, device, rounds):
+def peak_extra_memory(t, b, n, device, variant):
+    """Peak memory of one forward + backward beyond the inputs and the gradients it must return.
+
+    CUDA: the allocator's peak. CPU: the rise of the process's peak RSS in a fresh interpreter
+    (large blocks go back to the OS when freed, so every temporary shows up as new pages).
+    """
+    code = (f"import sys; sys.path[:0] = {[str(Path(__file__).resolve().parent)]!r}; "
+            f"import bench_loss; bench_loss._memory_child({t}, {b}, {n}, {device!r}, {variant!r})")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if out.returncode != 0:
+        return f"not measured ({out.stderr.strip().splitlines()[-1][:120] if out.stderr.strip() else out.returncode})"
+    extra = float(out.stdout.split()[-1])
+    return f"{extra / 2**20:8.1f} MiB = {extra / (t * b * n * 4):4.2f}x states"
+
+
+def _memory_child(t, b, n, device, variant):
+    torch.manual_seed(0)
+    model = CTRNN((3, n, 2)).to(device)
+    loss = RNNLoss(model, **ALL_ON)
+    fn = loss if variant == "ours eager" else (lambda p, l, s: naive_loss(model, p, l, s, loss.lambdas))
+    pred = torch.randn(t, b, 2, device=device, requires_grad=True)
+    label = torch.randn(t, b, 2, device=device)
+    states = torch.rand(t, b, n, device=device, requires_grad=True)
+    small = torch.rand(5, 3, n, device=device, requires_grad=True)  # warm-up: code paths, not sizes
+    fn(pred[:5, :3].detach(), label[:5, :3], small)[0].backward()
+    grads = (states.numel() + pred.numel()) * 4
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn(pred, label, states)[0].backward()
+        torch.cuda.synchronize()
+        print(torch.cuda.max_memory_allocated() - base - grads)
+        return
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    fn(pred, label, states)[0].backward()
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base - grads)
+
+
+def bench_loss(t, b, n, device, rounds, compile_peers=True):
     torch.manual_seed(0)
     model = CTRNN((3, n, 2)).to(device)
     loss = RNNLoss(model, **ALL_ON).eval()
@@ -129,6 +172,13 @@ def bench_loss(t, b, n, device, rounds):
 
     naive = lambda p, l, s: naive_loss(model, p, l, s, lam)  # noqa: E731
     fns = {"floor": fwd(floor), "ours eager": fwd(loss), "ours scripted": fwd(scripted), "naive": fwd(naive)}
+    peers = {}
+    if compile_peers:
+        # The peer a user would pick instead: torch.compile of the naive transcription; and
+        # torch.compile of RNNLoss itself (fullgraph=True fails on any graph break).
+        peers = {"naive torch.compile": torch.compile(naive),
+                 "ours torch.compile(fullgraph)": torch.compile(loss, fullgraph=True)}
+        fns.update({k: fwd(v) for k, v in peers.items()})
     ort_note = ""
     if device == "cpu":
         try:
@@ -151,14 +201,17 @@ def bench_loss(t, b, n, device, rounds):
             ort_note = f"(onnxruntime not run: {e})"
     fwd_times = interleaved(fns, rounds, device)
     alone = consecutive({k: fns[k] for k in ("floor", "ours eager", "ours scripted")}, rounds, device)
-    bwd_times = interleaved({"floor (read states, write grad)": lambda: torch.mul(states, 2.0),
-                             "ours eager": fwd_bwd(loss), "ours scripted": fwd_bwd(scripted),
-                             "naive": fwd_bwd(naive)}, rounds, device)
+    bwd_fns = {"floor (read states, write grad)": lambda: torch.mul(states, 2.0),
+               "ours eager": fwd_bwd(loss), "ours scripted": fwd_bwd(scripted), "naive": fwd_bwd(naive)}
+    bwd_fns.update({k: fwd_bwd(v) for k, v in peers.items()})
+    bwd_times = interleaved(bwd_fns, rounds, device)
     print(f"\n(T, B, N) = ({t}, {b}, {n}), {t * b * n / 1e6:.1f} M rates, fp32, {device} {ort_note}")
     print("  forward:")
     for k, v in fwd_times.items():
-        extra = "" if k in ("floor", "naive", "onnxruntime floor (ReduceSum)") else \
+        extra = "" if k in ("floor", "naive", "onnxruntime floor (ReduceSum)", "naive torch.compile") else \
             f"  ours/floor {v / fwd_times['floor']:5.2f}x  naive/ours {fwd_times['naive'] / v:5.2f}x"
+        if peers and k.startswith("ours") and k != "ours onnxruntime":
+            extra += f"  ours/compiled naive {v / fwd_times['naive torch.compile']:5.2f}x"
         if k == "ours onnxruntime":
             extra += f"  ours/ORT floor {v / fwd_times['onnxruntime floor (ReduceSum)']:5.2f}x"
         print(f"    {k:34s} {fmt(v)}{extra}")
@@ -169,34 +222,27 @@ def bench_loss(t, b, n, device, rounds):
     print("  forward + backward:")
     fl = bwd_times["floor (read states, write grad)"]
     for k, v in bwd_times.items():
-        extra = "" if k.startswith("floor") or k == "naive" else \
+        extra = "" if k.startswith("floor") or k in ("naive", "naive torch.compile") else \
             f"  ours/floor {v / fl:5.2f}x  naive/ours {bwd_times['naive'] / v:5.2f}x"
+        if peers and k.startswith("ours"):
+            extra += f"  ours/compiled naive {v / bwd_times['naive torch.compile']:5.2f}x"
         print(f"    {k:34s} {fmt(v)}{extra}")
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        total, _ = loss(pred_g, label, states_g)
-        total.backward()
-        torch.cuda.synchronize()
-        extra = torch.cuda.max_memory_allocated() - base - states_g.grad.numel() * 4 - pred_g.grad.numel() * 4
-        print(f"    peak extra memory beyond inputs and gradients: {extra / 2**20:.1f} MiB "
-              f"(states are {states.numel() * 4 / 2**20:.1f} MiB)")
-        states_g.grad = None
-        pred_g.grad = None
-    check_accuracy(loss, naive, pred, label, states)
+    print("  peak extra memory of one forward + backward, beyond inputs and returned gradients:")
+    for variant in ("ours eager", "naive"):
+        print(f"    {variant:34s} {peak_extra_memory(t, b, n, device, variant)}")
+    check_accuracy(loss, {"ours eager": loss, "ours scripted": scripted, "naive": naive, **peers}, pred, label, states)
 
 
-def check_accuracy(loss, naive, pred, label, states):
-    """Every formulation against the float64 formulas at this size (relative error)."""
+def check_accuracy(loss, variants, pred, label, states):
+    """Every formulation (name -> fn) against the float64 formulas at this size (relative error)."""
     r = states.double().reshape(-1, states.shape[-1])
     rbar, mu = r.mean(0), r.mean()
     sigma = ((rbar - mu) ** 2).mean().sqrt()
     ref = torch.stack([((pred.double() - label.double()) ** 2).mean(), (r ** 2).mean(), sigma, sigma / mu])
+    lam = loss.lambdas.double()[[0, 4, 5, 6]]
     with torch.no_grad():
-        for name, fn in (("ours", loss), ("naive", naive)):
-            lam = loss.lambdas.double()[[0, 4, 5, 6]]
-            got = fn(pred, label, states)[1].double()[[0, 4, 5, 6]] / lam
+        for name, fn in variants.items():
+            got = fn(pred, label, states)[1].double()[[0, 4, 5, 6]] / lam.to(pred.device)
             err = ((got - ref.to(got.device)).abs() / ref.abs().to(got.device)).max().item()
             print(f"    accuracy vs float64 ({name}): max rel err {err:.1e} over mse, fr, fr_sd, fr_cv")
 
@@ -250,6 +296,7 @@ def main():
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--sizes", nargs="*", help="T,B,N triples (default depends on the device)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile peers (compiling takes minutes)")
     parser.add_argument("--cpp", default=str(Path(__file__).resolve().parents[1] / "build" / "train_ctrnn"),
                         help="the built train_ctrnn program for the C++ training-step timing ('' to skip)")
     args = parser.parse_args()
@@ -260,7 +307,7 @@ def main():
     name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"rnnloss benchmark: torch {torch.__version__}, {name}, {time.strftime('%Y-%m-%d')}")
     for t, b, n in sizes:
-        bench_loss(t, b, n, args.device, args.rounds)
+        bench_loss(t, b, n, args.device, args.rounds, compile_peers=not args.no_compile)
     cpp = Path(args.cpp) if args.cpp else None
     if cpp is not None and not cpp.exists():
         print(f"\n(C++ training step not measured: {cpp} is not built; `make cpp` builds it)")

@@ -53,7 +53,7 @@ def test_eval_loss_matches_python_eager_values_and_gradients(programs, artifacts
     states.requires_grad_(True)
     total, comps = loss(pred, label, states)
     d_pred, d_states = torch.autograd.grad(total + comps.sum(), (pred, states))
-    # Same kernels in libtorch and Python: rtol 1e-5 (DESIGN §6, one device).
+    # Same kernels in libtorch and Python: rtol 1e-5 (one device).
     for key, ref in {"total": total, "components": comps, "d_pred": d_pred, "d_states": d_states}.items():
         torch.testing.assert_close(got[key], ref.detach(), rtol=1e-5, atol=1e-8, msg=key)
 

@@ -23,12 +23,19 @@ def global_batch():
     return torch.randn(T, BATCH, DIMS[0], generator=g), torch.randn(T, BATCH, DIMS[2], generator=g)
 
 
+def global_mask():
+    """Per-sample weights (T, B): graded, with the first two steps of every trial not counted."""
+    w = torch.rand(T, BATCH, generator=torch.Generator().manual_seed(8)) * 3
+    w[:2] = 0.0
+    return w
+
+
 def fresh_model():
     torch.manual_seed(0)
     return CTRNN(DIMS, activation="softplus")
 
 
-def _worker(rank, world, init_file, split, sync, out_dir):
+def _worker(rank, world, init_file, split, sync, out_dir, masked=False):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         model = fresh_model()
@@ -37,8 +44,9 @@ def _worker(rank, world, init_file, split, sync, out_dir):
         x, y = global_batch()
         start = sum(split[:rank])
         xs, ys = x[:, start:start + split[rank]], y[:, start:start + split[rank]]
+        mask = global_mask()[:, start:start + split[rank]] if masked else None
         output, states = ddp(xs)
-        total, comps = loss(output, ys, states)
+        total, comps = loss(output, ys, states, mask)
         total.backward()  # DDP averages the parameter gradients over the ranks
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         torch.save({"total": total.detach(), "comps": comps.detach(), "grads": grads},
@@ -49,34 +57,37 @@ def _worker(rank, world, init_file, split, sync, out_dir):
         dist.destroy_process_group()
 
 
-def run_ranks(tmp_path, split, sync):
+def run_ranks(tmp_path, split, sync, masked=False):
     init_file = tmp_path / "init"
-    mp.spawn(_worker, args=(len(split), str(init_file), split, sync, str(tmp_path)), nprocs=len(split), join=True)
+    mp.spawn(_worker, args=(len(split), str(init_file), split, sync, str(tmp_path), masked), nprocs=len(split),
+             join=True)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(len(split))]
 
 
-def single_process(x=None, y=None):
+def single_process(x=None, y=None, mask=None):
     model = fresh_model()
     loss = RNNLoss(model, **ALL_ON)
     gx, gy = global_batch()
     x = gx if x is None else x
     y = gy if y is None else y
     output, states = model(x)
-    total, comps = loss(output, y, states)
+    total, comps = loss(output, y, states, mask)
     total.backward()
     return total.detach(), comps.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("split", [(4, 4), (3, 5)], ids=["even", "uneven_3+5"])
-def test_synced_loss_and_ddp_gradients_equal_one_process_on_the_whole_batch(tmp_path, split):
-    ranks = run_ranks(tmp_path, split, sync=True)
-    total, comps, grads = single_process()
+@pytest.mark.parametrize("split, masked", [((4, 4), False), ((3, 5), False), ((3, 5), True)],
+                         ids=["even", "uneven_3+5", "uneven_3+5_masked"])
+def test_synced_loss_and_ddp_gradients_equal_one_process_on_the_whole_batch(tmp_path, split, masked):
+    # With a mask, Σ w·e² and Σ w are all-reduced: the weighted mean over the global batch.
+    ranks = run_ranks(tmp_path, split, sync=True, masked=masked)
+    total, comps, grads = single_process(mask=global_mask() if masked else None)
     for r in ranks:
         torch.testing.assert_close(r["total"], total, rtol=1e-5, atol=0)
         torch.testing.assert_close(r["comps"], comps, rtol=1e-5, atol=0)
         for name, g in grads.items():
-            # other reduction order (two partial sums + an all-reduce): rtol 1e-4 (DESIGN §6)
+            # other reduction order (two partial sums + an all-reduce): rtol 1e-4
             torch.testing.assert_close(r["grads"][name], g, rtol=1e-4, atol=1e-7, msg=name)
 
 

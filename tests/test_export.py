@@ -1,6 +1,7 @@
-"""The export command and its artifacts (DESIGN.md §5), on a small config exported once."""
+"""The export command and its artifacts, on a small config exported once; --verify on copies of it."""
 import hashlib
 import json
+import shutil
 
 import numpy as np
 import onnx
@@ -8,7 +9,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from rnnloss import CTRNN, RNNLoss, export, parity
+from rnnloss import CTRNN, RNNLoss, export, from_torchscript, parity
 from rnnloss.config import validate
 
 SMALL = {"model": {"dims": [3, 16, 2]}, "example": {"time": 6, "batch": 3}}
@@ -36,6 +37,10 @@ def test_manifest_describes_the_artifacts(artifacts):
         assert hashlib.sha256((artifacts / name).read_bytes()).hexdigest() == digest
     assert m["parity"] and all(row["passed"] for row in m["parity"])
     assert isinstance(m["opset"], int)
+    train = torch.jit.load(str(artifacts / "ctrnn_train.pt"))
+    listed = {method.split("(")[0] for method in m["train_module"]["methods"]}
+    assert listed == {"enforce_constraints", "set_lambda", "dims", "is_batch_first"}
+    assert all(hasattr(train, name) for name in listed)
 
 
 def test_onnx_graph_is_self_contained_checked_and_named(artifacts):
@@ -127,3 +132,147 @@ def test_export_of_a_model_with_learned_alpha_init_state_and_noise_passes_parity
     names = {n for n, p in train.named_parameters() if p.requires_grad}
     assert {"loss.model.recurrent_layer.alpha", "loss.model.recurrent_layer.hidden_state"} <= names
     assert train.is_batch_first()
+
+
+def test_train_module_is_saved_in_eval_mode_throughout(artifacts):
+    train = torch.jit.load(str(artifacts / "ctrnn_train.pt"))
+    assert [name for name, module in train.named_modules() if module.training] == []
+
+
+def eager_keys(config):
+    return set(export.build(validate(config)).state_dict())
+
+
+def test_state_dict_keys_of_eager_scripted_and_trained_modules_are_identical(artifacts, tmp_path):
+    keys = eager_keys(SMALL)
+    scripted = torch.jit.load(str(artifacts / "rnn_loss.pt"))
+    train = torch.jit.load(str(artifacts / "ctrnn_train.pt"))
+    assert set(scripted.state_dict()) == keys
+    assert {k.removeprefix("loss.") for k in train.state_dict()} == keys and all(
+        k.startswith("loss.") for k in train.state_dict())
+    # A module trained through ctrnn_train.pt and saved again (what train_ctrnn does in C++) loads
+    # back strictly into eager modules with one call, and computes what the trained module computes.
+    opt = torch.optim.SGD(train.parameters(), lr=0.1)
+    x, target = torch.randn(7, 4, 3), torch.randn(7, 4, 2)
+    for _ in range(3):
+        opt.zero_grad()
+        train(x, target)[0].backward()
+        opt.step()
+        train.enforce_constraints()
+    torch.jit.save(train, str(tmp_path / "trained.pt"))
+    loss = from_torchscript(tmp_path / "trained.pt")
+    assert isinstance(loss, RNNLoss) and isinstance(loss.model, CTRNN) and set(loss.state_dict()) == keys
+    CTRNN((3, 16, 2)).load_state_dict(loss.model.state_dict(), strict=True)
+    output, states = loss.model(x)
+    total, comps, out_trained, states_trained = train(x, target)
+    # The same kernels on the same device: rtol 1e-5 (a few ulp of reordering at most).
+    torch.testing.assert_close(output, out_trained, rtol=1e-5, atol=0)
+    torch.testing.assert_close(loss(output, target, states)[1], comps, rtol=1e-5, atol=0)
+    assert loss.active == ["mse", "in", "hid", "out", "fr", "fr_sd", "fr_cv"] and not loss.training
+
+
+def test_from_torchscript_keeps_masks_biases_and_learned_state(tmp_path):
+    from rnnloss.trainer import CTRNNTrainer
+    torch.manual_seed(3)
+    model = CTRNN((3, 6, 2), sparsity_masks=[None, torch.rand(6, 6) > 0.3, None],
+                  ei_masks=[None, None, torch.tensor([1.0, -1, 1, 1, -1, 1])], plasticity_masks=[torch.ones(6, 3), None, None],
+                  biases=[True, None, False], learn_alpha=True, init_state="learn", activation="tanh", batch_first=True)
+    loss = RNNLoss(model, lambda_hid=0.2, lambda_fr=0.1)
+    torch.jit.save(torch.jit.script(CTRNNTrainer(loss)), str(tmp_path / "t.pt"))
+    back = from_torchscript(tmp_path / "t.pt")
+    assert set(back.state_dict()) == set(loss.state_dict())
+    for key, value in loss.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value), key
+    assert back.active == loss.active and back.model.batch_first and back.model.activation == "tanh"
+    assert back.model.readout_layer.bias is None
+    assert not back.model.recurrent_layer.hidden_layer.bias.requires_grad  # nn4n's fixed zero bias
+
+
+def test_artifact_size_follows_the_weights(tmp_path):
+    # At N_hid = 512 the float32 weights are ~1.06 MB. Each artifact holds them once, plus code,
+    # graph and metadata: 27-75 KB for a tiny model (measured), so 256 KiB is a generous constant.
+    # Three N_hid x N_hid placeholder masks per file (the old behaviour) would give ~4.2 MB.
+    config = validate({"model": {"dims": [3, 512, 2]}, "example": {"time": 3, "batch": 2}})
+    assert export.run(config, tmp_path / "big", force=False, device="cpu") == 0
+    weights = sum(t.numel() * t.element_size() for t in export.build(config).model.state_dict().values())
+    manifest = json.loads((tmp_path / "big" / "manifest.json").read_text())
+    sizes = {name: (tmp_path / "big" / name).stat().st_size for name in manifest["sha256"]}
+    assert all(size <= 1.5 * weights + 256 * 1024 for size in sizes.values()), (weights, sizes)
+
+
+@pytest.fixture
+def copy_of(artifacts, tmp_path):
+    def copy():
+        dest = tmp_path / "copy"
+        shutil.copytree(artifacts, dest)
+        return dest
+    return copy
+
+
+def verify(folder, capsys):
+    status = export.main(["--verify", str(folder), "--device", "cpu"])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def test_verify_passes_on_an_intact_export(artifacts, capsys):
+    status, out, _ = verify(artifacts, capsys)
+    assert status == 0 and "verified" in out and "FAIL" not in out
+
+
+def flip_bit(path, offset):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("name", ["rnn_loss.pt", "ctrnn_train.pt", "rnn_loss.pt2", "rnn_loss.onnx"])
+def test_verify_catches_one_flipped_bit_in_any_artifact(name, copy_of, capsys):
+    folder = copy_of()
+    flip_bit(folder / name, (folder / name).stat().st_size // 2)
+    status, out, _ = verify(folder, capsys)
+    assert status == 1 and f"FAILED {name}: sha256 differs" in out
+
+
+def test_verify_reruns_parity_so_a_changed_lambda_fails_even_with_a_matching_sum(copy_of, capsys):
+    # λ_mse = 1.0 is the first entry of the lambdas buffer, stored raw in rnn_loss.pt's zip. Flip
+    # the lowest bit of its second-highest byte (float32: 1.0 -> 1.0078; float64: 1.0 -> 1.0625)
+    # and rewrite the manifest's sum, as a careless tool would: only the parity rerun can see it.
+    folder = copy_of()
+    path = folder / "rnn_loss.pt"
+    lambdas = export.build(validate(SMALL)).lambdas.detach()
+    raw = lambdas.numpy().tobytes()
+    data = path.read_bytes()
+    assert data.count(raw) == 1
+    flip_bit(path, data.index(raw) + lambdas.element_size() - 2)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["sha256"]["rnn_loss.pt"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    status, out, _ = verify(folder, capsys)
+    assert status == 1 and "FAILED rnn_loss.pt: parity check on torchscript cpu failed" in out
+
+
+@pytest.mark.parametrize("case", ["missing", "file", "no_manifest", "bad_json"])
+def test_verify_of_an_unusable_folder_exits_2_in_one_line(case, tmp_path, capsys):
+    target = tmp_path / "d"
+    if case == "file":
+        target.write_text("x")
+    elif case != "missing":
+        target.mkdir()
+        if case == "bad_json":
+            (target / "manifest.json").write_text("{")
+    status, _, err = verify(target, capsys)
+    lines = err.strip().splitlines()
+    assert status == 2 and len(lines) == 1 and "--verify" in lines[0] and "Traceback" not in err
+
+def test_train_module_takes_an_optional_mask(artifacts):
+    from rnnloss.trainer import CTRNNTrainer
+    train = torch.jit.load(str(artifacts / "ctrnn_train.pt"))
+    eager = CTRNNTrainer(export.build(validate(SMALL)))
+    g = torch.Generator().manual_seed(3)
+    x, target = torch.randn(7, 2, 3, generator=g), torch.randn(7, 2, 2, generator=g)
+    mask = (torch.rand(7, 2, 2, generator=g) > 0.5).float()
+    got, ref = train(x, target, mask), eager(x, target, mask)
+    torch.testing.assert_close(got[1], ref[1], rtol=1e-5, atol=0)  # same kernels (rnnloss.parity)
+    assert got[1][0].item() != train(x, target)[1][0].item()  # the mask weights the mse
+    assert train(x, target, torch.zeros_like(mask))[1][0].item() == 0.0  # Σw = 0 gives mse 0

@@ -1,4 +1,4 @@
-"""Each component against the float64 reference of DESIGN.md §2, plus hand-worked cases."""
+"""Each component against the independent float64 reference (tests/reference.py), plus hand-worked cases."""
 import math
 import random
 
@@ -32,7 +32,7 @@ def assert_matches_reference(loss, pred, label, states, rtol):
 @pytest.mark.parametrize("active", [(i,) for i in range(7)] + [tuple(range(7))],
                          ids=lambda a: "+".join(("mse", "in", "hid", "out", "fr", "fr_sd", "fr_cv")[i] for i in a))
 def test_float64_component_equals_reference_to_1e10(shape, active):
-    # float64 against the float64 formulas: rtol 1e-10 (DESIGN §6), only summation order differs.
+    # float64 against the float64 formulas: rtol 1e-10: only summation order differs.
     t, b, n_in, n_hid, n_out = shape
     model = make_model((n_in, n_hid, n_out), dtype=torch.float64)
     loss = RNNLoss(model, **lambdas_for(active))
@@ -130,3 +130,82 @@ def test_float32_accuracy_at_ten_million_elements():
     sigma = ((rbar - mu) ** 2).mean().sqrt()
     ref = torch.stack([((pred.double() - label.double()) ** 2).mean(), (r ** 2).mean(), sigma, sigma / mu])
     torch.testing.assert_close(comps[[0, 4, 5, 6]].double(), ref, rtol=1e-5, atol=0)
+
+
+def test_float64_inputs_get_lambda_exactly():
+    # λ = 0.01 is not a float32 number: a float32 buffer would be 2.2e-9 relative off.
+    model = make_model((3, 6, 2), dtype=torch.float64)
+    lams = dict(lambda_mse=0.01, lambda_in=0.03, lambda_hid=0.07, lambda_out=0.11, lambda_fr=0.01,
+                lambda_fr_sd=0.013, lambda_fr_cv=0.017)
+    loss = RNNLoss(model, **lams)
+    pred, label, states = make_inputs(model, 4, 3)
+    m = loss.model
+    ref = loss_components(pred, label, states, m.recurrent_layer.input_layer.weight,
+                          m.recurrent_layer.hidden_layer.weight, m.readout_layer.weight, list(lams.values()))
+    torch.testing.assert_close(loss(pred, label, states)[1], torch.tensor(ref, dtype=torch.float64),
+                               rtol=1e-12, atol=0)
+
+
+def _rates(kind, shape, g):
+    if kind == "constant":
+        return torch.full(shape, 0.3)
+    if kind == "uniform":
+        return torch.rand(shape, generator=g)
+    if kind == "relu_randn":
+        return torch.relu(torch.randn(shape, generator=g))
+    return 10 + torch.randn(shape, generator=g)
+
+
+def _spread_reference(states, n_hid):
+    """σ and μ in float64, and the float32 floor: σ's error when the exact neuron means are rounded
+    once to float32 (the conditioning of σ for near-constant rates)."""
+    means = states.double().reshape(-1, n_hid).mean(0)
+    mu = means.mean()
+
+    def sd(m):
+        return ((m - m.mean()) ** 2).mean().sqrt()
+    sigma = sd(means)
+    floor = (sd(means.float().double()) - sigma).abs() / sigma if sigma > 0 else torch.tensor(0.0)
+    return sigma.item(), mu.item(), floor.item()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scripted", [False, True], ids=["eager", "scripted"])
+@pytest.mark.parametrize("n_hid, lead", [(64, (1250, 125)), (512, (1000, 20))], ids=["N64", "N512"])
+@pytest.mark.parametrize("kind", ["constant", "uniform", "relu_randn", "ten_plus_randn"])
+def test_rate_terms_at_ten_million_rates_within_the_float32_bound(kind, n_hid, lead, scripted, tmp_path):
+    # fr within 1e-5 of float64; fr_sd, fr_cv within max(1e-5, 4 × the float32 floor).
+    from conftest import script_roundtrip
+    g = torch.Generator().manual_seed(5)
+    states = _rates(kind, (*lead, n_hid), g)
+    model = make_model((1, n_hid, 1))
+    loss = RNNLoss(model, lambda_mse=0.0, lambda_fr=1.0, lambda_fr_sd=1.0, lambda_fr_cv=1.0)
+    if scripted:
+        loss = script_roundtrip(loss, tmp_path)
+    zeros = torch.zeros(1, 1, 1)
+    with torch.no_grad():
+        comps = loss(zeros, zeros, states)[1].double()
+    fr = states.double().square().mean().item()
+    sigma, mu, floor = _spread_reference(states, n_hid)
+    assert comps[4].item() == pytest.approx(fr, rel=1e-5, abs=0)
+    bound = max(1e-5, 4 * floor)
+    if sigma == 0.0:
+        # Equal neuron means: the floor is one float32 rounding of μ-sized means, 4·ε32·μ absolute.
+        assert abs(comps[5].item()) <= 4 * torch.finfo(torch.float32).eps * mu
+        assert abs(comps[6].item()) <= 4 * torch.finfo(torch.float32).eps
+    else:
+        assert comps[5].item() == pytest.approx(sigma, rel=bound, abs=0)
+        assert comps[6].item() == pytest.approx(sigma / mu, rel=bound, abs=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["constant", "uniform", "ten_plus_randn"])
+def test_mse_at_ten_million_elements_within_1e5(kind):
+    g = torch.Generator().manual_seed(6)
+    pred = _rates(kind, (2500, 2000, 2), g)
+    label = torch.zeros_like(pred) if kind == "constant" else _rates(kind, pred.shape, g)
+    loss = RNNLoss(make_model((1, 4, 2)))
+    with torch.no_grad():
+        mse = loss(pred, label)[1][0].item()
+    ref = ((pred.double() - label.double()) ** 2).mean().item()
+    assert mse == pytest.approx(ref, rel=1e-5, abs=0)

@@ -135,8 +135,7 @@ def test_non_finite_inputs_propagate_to_every_component_that_reads_them(where, b
     assert not torch.isfinite(total)
     if where == "states":
         assert torch.isnan(comps[5]) and torch.isnan(comps[6])  # never masked to 0 by the σ = 0 guard
-        # fr is inf for an infinite rate and NaN for a NaN, with or without a gradient wanted
-        # (the gradient surrogate must not turn inf into inf − inf = NaN).
+        # fr is inf for an infinite rate and NaN for a NaN, with or without a gradient wanted.
         states = inputs["states"].clone().requires_grad_(True)
         with_grad = loss(inputs["pred"], inputs["label"], states)[1].detach()
         for fr in (comps[4].item(), with_grad[4].item()):
@@ -160,8 +159,8 @@ def test_half_precision_inputs_accumulate_and_return_float32(dtype, device):
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "transposed"])
-def test_chunked_mean_square_matches_the_formula_and_its_gradient(layout):
-    # 300·40·64 = 768k rates: several chunks of the value loop; the gradient comes from the surrogate.
+def test_blocked_rate_sums_match_the_formula_and_its_gradient(layout):
+    # 300·40·64 = 768k rates: the per-row and per-block sums; the gradient from the fused backward.
     model = make_model((1, 64, 1), dtype=torch.float64)
     loss = RNNLoss(model, lambda_mse=0.0, lambda_fr=0.5)
     g = torch.Generator().manual_seed(3)
@@ -175,3 +174,39 @@ def test_chunked_mean_square_matches_the_formula_and_its_gradient(layout):
     torch.testing.assert_close(states.grad, 0.5 * 2 * states.detach() / n, rtol=1e-12, atol=0)
     with torch.no_grad():
         assert loss(zeros, zeros, states)[1][4].item() == comps[4].item()  # no-grad value identical
+
+
+def test_fr_gradient_stays_finite_when_the_float32_sum_of_squares_overflows():
+    # r = 1e20: r² overflows float32, so fr is inf, but the formula's gradient 2λr/n is finite.
+    model = make_model((1, 4, 1))
+    loss = RNNLoss(model, lambda_mse=0.0, lambda_fr=0.5)
+    states = torch.full((3, 2, 4), 1e20, requires_grad=True)
+    zeros = torch.zeros(1, 1, 1)
+    total, comps = loss(zeros, zeros, states)
+    assert comps[4].item() == float("inf")
+    (grad,) = torch.autograd.grad(comps[4], states)
+    torch.testing.assert_close(grad, torch.full_like(states, 0.5 * 2 * 1e20 / states.numel()), rtol=1e-6, atol=0)
+
+
+def test_per_sample_gradients_with_torch_func_equal_a_loop_over_samples():
+    # torch.func.vmap(grad(...)) goes through the eager fast path's autograd Function.
+    from torch.func import grad, vmap
+
+    from rnnloss.trainer import CTRNNTrainer
+    model = make_model((3, 6, 2), dtype=torch.float64, activation="softplus")
+    trainer = CTRNNTrainer(RNNLoss(model, **ALL_ON))  # model + loss: one functional call
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(5, 4, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(5, 4, 2, generator=g, dtype=torch.float64)
+    params = {k: v.detach() for k, v in trainer.named_parameters() if v.requires_grad}
+
+    def one_sample(p, xb, yb):
+        return functional_call(trainer, p, (xb.unsqueeze(1), yb.unsqueeze(1)))[0]
+
+    batched = vmap(grad(one_sample), in_dims=(None, 1, 1))(params, x, y)
+    for b in range(4):
+        trainer.zero_grad()
+        trainer(x[:, b:b + 1], y[:, b:b + 1])[0].backward()
+        for name, p in trainer.named_parameters():
+            if p.requires_grad:  # float64, same formulas: rounding-level agreement
+                torch.testing.assert_close(batched[name][b], p.grad, rtol=1e-10, atol=1e-14, msg=name)

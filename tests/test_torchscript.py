@@ -6,7 +6,7 @@ import torch
 from conftest import ALL_ON, ALL_SUBSETS, CUDA, NAMES, lambdas_for, make_inputs, make_model, script_roundtrip
 from rnnloss import CTRNN, RNNLoss
 
-RTOL = 1e-5  # fp32, same device, same kernels: only fusion/ordering differences (DESIGN §6)
+RTOL = 1e-5  # fp32, same device, same kernels: only fusion/ordering differences
 
 
 def grads_of(module, outputs, inputs):

@@ -1,4 +1,4 @@
-"""Every misuse in DESIGN.md §3 raises a message naming the argument, expected and given value —
+"""Every documented misuse raises a message naming the argument, expected and given value —
 the same text from the eager and the scripted module."""
 import math
 
@@ -121,3 +121,76 @@ def test_ctrnn_constructor_rejects_bad_arguments(kwargs, exc, message):
     with pytest.raises(exc) as err:
         CTRNN(dims, **kwargs)
     assert message in str(err.value)
+
+
+# λ: finite in float32 at construction and in set_lambda; the buffer re-validated after writes.
+
+def test_lambda_beyond_float32_is_refused_at_construction_and_by_set_lambda(model):
+    with pytest.raises(ValueError, match=r"lambda_fr must be finite in float32"):
+        RNNLoss(model, lambda_fr=1e39)
+    loss = RNNLoss(model, lambda_fr=0.1)
+    with pytest.raises(ValueError, match=r"set_lambda: value for 'fr' must be finite \(in float32\) and >= 0"):
+        loss.set_lambda("fr", 1e39)
+    RNNLoss(model, lambda_fr=3.4e38)  # the largest float32 values are fine
+
+
+LAMBDA_WRITES = {
+    "negative": (4, -1.0, "lambdas[4] ('fr') must be finite and >= 0; it was set to a negative value"),
+    "nan": (5, math.nan, "lambdas[5] ('fr_sd') must be finite and >= 0; it was set to NaN"),
+    "inf": (0, math.inf, "lambdas[0] ('mse') must be finite and >= 0; it was set to a value beyond float32's range"),
+    "beyond_float32": (6, 1e39, "it was set to a value beyond float32's range"),
+    "inactive": (1, 0.3, "lambdas[1] ('in') is non-zero but component 'in' is inactive (its lambda was 0 at "
+                         "construction); build the loss with a non-zero lambda_in"),
+}
+
+
+@pytest.mark.parametrize("scripted", [False, True], ids=["eager", "scripted"])
+@pytest.mark.parametrize("case", list(LAMBDA_WRITES))
+def test_bad_value_written_into_lambdas_makes_forward_raise(case, scripted, tmp_path):
+    from conftest import script_roundtrip
+    index, value, message = LAMBDA_WRITES[case]
+    model, pred, label, states = _inputs()
+    loss = RNNLoss(model, lambda_mse=1.0, lambda_fr=0.1, lambda_fr_sd=0.1, lambda_fr_cv=0.1)
+    exc = ValueError
+    if scripted:
+        loss = script_roundtrip(loss, tmp_path)
+        exc = torch.jit.Error
+    loss(pred, label, states)  # validated once
+    with torch.no_grad():
+        loss.lambdas[index] = value
+    with pytest.raises(exc) as err:
+        loss(pred, label, states)
+    assert message in str(err.value)
+    with torch.no_grad():  # a valid value written back is accepted again
+        loss.lambdas[index] = 0.0 if case == "inactive" else 0.5
+    loss(pred, label, states)
+
+
+def test_lambdas_are_read_back_only_after_a_write(monkeypatch):
+    # On CUDA a read-back is a host-device synchronisation: forward must not do one per call.
+    model, pred, label, states = _inputs()
+    loss = RNNLoss(model, **ALL_ON)
+    reads = []
+    original = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t.shape) or original(t))
+    for _ in range(3):
+        loss(pred, label, states)
+    loss.set_lambda("fr", 0.2)
+    loss(pred, label, states)
+    loss(pred, label, states)
+    assert reads.count(torch.Size([7])) == 2
+
+
+def test_state_dict_with_a_nonzero_lambda_for_an_inactive_component_is_refused(model):
+    trained = RNNLoss(model, lambda_fr=0.3)
+    target = RNNLoss(model)  # fr inactive
+    with pytest.raises(ValueError, match=r"state_dict gives lambdas\[4\] \('fr'\) = 0.3, but component 'fr' is "
+                                         r"inactive in this loss"):
+        target.load_state_dict(trained.state_dict())
+    RNNLoss(model, lambda_fr=0.01).load_state_dict(trained.state_dict())  # active: loads
+
+
+@pytest.mark.parametrize("convert", ["float", "half", "double", "bfloat16"])
+def test_lambdas_stay_float64_and_exact_under_dtype_conversion(model, convert):
+    loss = getattr(RNNLoss(model, lambda_fr=0.01), convert)()
+    assert loss.lambdas.dtype == torch.float64 and loss.lambdas[4].item() == 0.01

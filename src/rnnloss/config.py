@@ -1,13 +1,17 @@
-"""The export config (DESIGN.md §5): the embedded default, and strict validation.
+"""The export config: the embedded default, and strict validation.
 
 Every key is optional; the default fills the rest. Anything unknown, mistyped or out of range
-raises :class:`ConfigError` naming the key, so the CLI can print one line and exit 2.
+raises :class:`ConfigError` naming the key, so the CLI can print one line and exit 2. Ranges:
+numbers finite and at most the largest float32 (the modules compute in float32: a larger λ
+would be inf there), seeds what ``torch.manual_seed`` accepts (0 … 2^64 − 1). Whether the
+model fits the machine's memory and disk is checked by the export itself.
 """
-import copy
 import json
 import math
 from importlib import resources
 from typing import Any, Dict
+
+import torch
 
 from .loss import LAMBDA_NAMES
 from .model import ACTIVATIONS, INIT_STATES
@@ -21,31 +25,46 @@ class ConfigError(ValueError):
         self.key = key
 
 
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # 3.4028234663852886e38
+SEED_MAX = 2**64 - 1  # torch.manual_seed takes a 64-bit unsigned seed
+
+
+def _show(v: Any) -> str:
+    """``v`` as JSON for a message: one short line, whatever its size or depth."""
+    try:
+        text = json.dumps(v)
+    except (ValueError, RecursionError):
+        text = f"a {type(v).__name__}"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def default_config() -> Dict[str, Any]:
     return json.loads(resources.files("rnnloss").joinpath("default_config.json").read_text())
 
 
 def _positive_int(key, v):
     if isinstance(v, bool) or not isinstance(v, int):
-        raise ConfigError(key, f"expected an integer, got {json.dumps(v)}")
+        raise ConfigError(key, f"expected an integer, got {_show(v)}")
     if v <= 0:
         raise ConfigError(key, f"must be > 0, got {v}")
     return v
 
 
-def _non_negative_int(key, v):
+def _seed(key, v):
     if isinstance(v, bool) or not isinstance(v, int):
-        raise ConfigError(key, f"expected an integer, got {json.dumps(v)}")
-    if v < 0:
-        raise ConfigError(key, f"must be >= 0, got {v}")
+        raise ConfigError(key, f"expected an integer, got {_show(v)}")
+    if not 0 <= v <= SEED_MAX:
+        raise ConfigError(key, f"must be from 0 to 2**64 - 1 = {SEED_MAX} (what torch.manual_seed accepts), got {v}")
     return v
 
 
 def _number(key, v, *, positive=False, minimum=None):
     if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise ConfigError(key, f"expected a number, got {json.dumps(v)}")
+        raise ConfigError(key, f"expected a number, got {_show(v)}")
     if not math.isfinite(v):
         raise ConfigError(key, f"must be finite, got {v}")
+    if abs(v) > FLOAT32_MAX:
+        raise ConfigError(key, f"must be at most {FLOAT32_MAX!r} (the largest float32), got {v!r}")
     if positive and v <= 0:
         raise ConfigError(key, f"must be > 0, got {v}")
     if minimum is not None and v < minimum:
@@ -53,27 +72,35 @@ def _number(key, v, *, positive=False, minimum=None):
     return float(v)
 
 
+def _example_size(key, v):
+    value = _positive_int(key, v)
+    if value < 2:  # torch.export would specialise a size-1 axis and the graph would not be dynamic
+        raise ConfigError(key, f"must be >= 2 (the exported graphs take any size; a size-1 example would fix "
+                               f"the axis at 1), got {value}")
+    return value
+
+
 def _dims(key, v):
     if not isinstance(v, list) or len(v) != 3:
-        raise ConfigError(key, f"expected a list [N_in, N_hid, N_out] of three positive integers, got {json.dumps(v)}")
+        raise ConfigError(key, f"expected a list [N_in, N_hid, N_out] of three positive integers, got {_show(v)}")
     return [_positive_int(f"{key}[{i}]", d) for i, d in enumerate(v)]
 
 
 def _activation(key, v):
     if v not in ACTIVATIONS:
-        raise ConfigError(key, f"expected one of {list(ACTIVATIONS)}, got {json.dumps(v)}")
+        raise ConfigError(key, f"expected one of {list(ACTIVATIONS)}, got {_show(v)}")
     return v
 
 
 def _init_state(key, v):
     if v not in INIT_STATES:
-        raise ConfigError(key, f"expected one of {list(INIT_STATES)}, got {json.dumps(v)}")
+        raise ConfigError(key, f"expected one of {list(INIT_STATES)}, got {_show(v)}")
     return v
 
 
 def _bool(key, v):
     if not isinstance(v, bool):
-        raise ConfigError(key, f"expected true or false, got {json.dumps(v)}")
+        raise ConfigError(key, f"expected true or false, got {_show(v)}")
     return v
 
 
@@ -92,9 +119,10 @@ SCHEMA = {
               "preact_noise": lambda k, v: _number(k, v, minimum=0), "postact_noise": lambda k, v: _number(k, v, minimum=0),
               "init_state": _init_state, "learn_alpha": _bool},
     "loss": {name: (lambda k, v: _number(k, v, minimum=0)) for name in LAMBDA_NAMES},
-    "example": {"time": _positive_int, "batch": _positive_int},
-    "seed": lambda k, v: _non_negative_int(k, v),
+    "example": {"time": _example_size, "batch": _example_size},
+    "seed": _seed,
     "opset": _opset,
+    "mask": _bool,  # the loss graphs take a fourth input, mask, shaped like pred
 }
 
 
@@ -111,7 +139,7 @@ def validate(raw: Any) -> Dict[str, Any]:
             config[section] = spec(section, value)
             continue
         if not isinstance(value, dict):
-            raise ConfigError(section, f"expected an object, got {json.dumps(value)}")
+            raise ConfigError(section, f"expected an object, got {_show(value)}")
         for key, item in value.items():
             if key not in spec:
                 raise ConfigError(f"{section}.{key}", f"unknown key; expected one of {list(spec)}")
@@ -135,4 +163,6 @@ def load(path) -> Dict[str, Any]:
         raw = json.loads(text)
     except json.JSONDecodeError as e:
         raise ConfigError("--config", f"{path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
-    return validate(copy.deepcopy(raw))
+    except RecursionError:
+        raise ConfigError("--config", f"{path} is nested too deeply (a config has two levels)") from None
+    return validate(raw)

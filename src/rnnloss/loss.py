@@ -150,8 +150,10 @@ class _RateSums(torch.autograd.Function):
     saved rates, so autograd differentiates it again for second-order gradients.
     """
 
+    generate_vmap_rule = True  # torch.func (grad, vmap for per-sample gradients) works through it
+
     @staticmethod
-    def forward(ctx, states: Tensor, need_sq: bool, need_col: bool):  # type: ignore[override]
+    def forward(states: Tensor, need_sq: bool, need_col: bool):  # type: ignore[override]
         zero = torch.zeros((), dtype=torch.float64, device=states.device)
         sumsq, colsum = zero, zero
         if need_sq and states.dtype == torch.float64:
@@ -161,9 +163,13 @@ class _RateSums(torch.autograd.Function):
             sumsq = (norms * norms).sum()
         if need_col:
             colsum = _neuron_sums_f64(states)
+        return sumsq, colsum
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        states, need_sq, need_col = inputs
         ctx.save_for_backward(states)
         ctx.need = (need_sq, need_col)
-        return sumsq, colsum
 
     @staticmethod
     def backward(ctx, g_sq: Tensor, g_col: Tensor):  # type: ignore[override]
@@ -262,7 +268,8 @@ class RNNLoss(nn.Module):
     re-validates the buffer after every write to it (tracked by the tensor's version counter, so
     a CUDA buffer is read back only after a write, never on every call): a negative, NaN or
     infinite λ, or a non-zero λ for an inactive component, raises ValueError. Loading a
-    state_dict that gives an inactive component a non-zero λ raises too.
+    state_dict that gives an inactive component a non-zero λ raises too. Under ``torch.compile``
+    and in exported graphs the buffer is not re-validated (a graph holds no data-dependent check).
 
     Shape:
         - pred, label: any shape, identical (no broadcasting); commonly (T, B, N_out).
@@ -367,7 +374,7 @@ class RNNLoss(nn.Module):
             name = self.component_names[i]
             # No number in these messages: eager, TorchScript and C++ print floats differently.
             if not (value >= 0.0 and value <= self._lambda_max):
-                kind = "NaN" if value != value else ("a negative value" if value < 0.0 else
+                kind = "NaN" if math.isnan(value) else ("a negative value" if value < 0.0 else
                                                      "a value beyond float32's range")
                 raise ValueError("lambdas[{}] ('{}') must be finite and >= 0; it was set to {}".format(i, name, kind))
             if value != 0.0 and not self._on[i]:

@@ -36,23 +36,24 @@ InitArg = Union[str, Tensor]
 BiasArg = Union[bool, None, str, Tensor]
 
 
-def _project(weight: Tensor, sparsity: Tensor, has_sparsity: bool, sign: Tensor, has_sign: bool) -> None:
+def _project(weight: Tensor, sparsity: Optional[Tensor], sign: Optional[Tensor]) -> None:
     """Project ``weight`` in place onto its constraint set (call under ``no_grad``).
 
     ``sparsity`` is 0 where a synapse is absent; ``sign`` is +1 (excitatory presynaptic neuron:
     weight ≥ 0), −1 (inhibitory: weight ≤ 0) or 0 (unconstrained) for every entry of ``weight``.
+    ``None`` means the layer has no such mask.
     """
-    if has_sparsity:
+    if sparsity is not None:
         weight.mul_(sparsity)
-    if has_sign:
+    if sign is not None:
         w = torch.where(sign > 0, weight.clamp(min=0.0), weight)
         w = torch.where(sign < 0, w.clamp(max=0.0), w)
         weight.copy_(w)
 
 
-def _scale_grad(weight: Tensor, scale: Tensor, has_scale: bool) -> None:
+def _scale_grad(weight: Tensor, scale: Optional[Tensor]) -> None:
     """Multiply ``weight.grad`` in place by the per-synapse plasticity ``scale`` (if any)."""
-    if has_scale:
+    if scale is not None:
         grad = weight.grad
         if grad is not None:
             grad.mul_(scale)
@@ -129,15 +130,6 @@ class CTRNN(nn.Module):
     n_in: Final[int]
     n_hid: Final[int]
     n_out: Final[int]
-    _sparse_in: Final[bool]
-    _sparse_hid: Final[bool]
-    _sparse_out: Final[bool]
-    _sign_in: Final[bool]
-    _sign_hid: Final[bool]
-    _sign_out: Final[bool]
-    _plastic_in: Final[bool]
-    _plastic_hid: Final[bool]
-    _plastic_out: Final[bool]
 
     def __init__(
         self,
@@ -212,12 +204,9 @@ class CTRNN(nn.Module):
             if mask is not None and not bool(torch.all(mask >= 0)):
                 raise ValueError(f"plasticity_masks for the {layer} layer must be >= 0 (gradient scales)")
         for layer, lin, s_mask, e_mask, p_mask in zip(LAYERS, linears, sparsity, signs, plasticity):
-            self._register_mask(f"sparsity_{layer}", s_mask, torch.ones_like(lin.weight))
-            self._register_mask(f"sign_{layer}", e_mask, torch.zeros_like(lin.weight))
-            self._register_mask(f"plasticity_{layer}", p_mask, torch.ones_like(lin.weight))
-        self._sparse_in, self._sparse_hid, self._sparse_out = (m is not None for m in sparsity)
-        self._sign_in, self._sign_hid, self._sign_out = (m is not None for m in signs)
-        self._plastic_in, self._plastic_hid, self._plastic_out = (m is not None for m in plasticity)
+            self._register_mask(f"sparsity_{layer}", s_mask, lin.weight.dtype)
+            self._register_mask(f"sign_{layer}", e_mask, lin.weight.dtype)
+            self._register_mask(f"plasticity_{layer}", p_mask, lin.weight.dtype)
         with torch.no_grad():
             for lin, mask, w_spec in zip(linears, signs, weight_specs):
                 if mask is not None and isinstance(w_spec, str):
@@ -227,13 +216,12 @@ class CTRNN(nn.Module):
     def _linears(self) -> Tuple[nn.Linear, nn.Linear, nn.Linear]:
         return (self.recurrent_layer.input_layer, self.recurrent_layer.hidden_layer, self.readout_layer)
 
-    def _register_mask(self, name: str, mask: Optional[Tensor], default: Tensor) -> None:
-        # A given mask is part of the model and travels in state_dict; an absent one is a
-        # non-persistent placeholder, so plain models keep nn4n's state-dict keys exactly.
-        if mask is None:
-            self.register_buffer(name, default, persistent=False)
-        else:
-            self.register_buffer(name, mask.to(default.dtype).clone(), persistent=True)
+    def _register_mask(self, name: str, mask: Optional[Tensor], dtype: torch.dtype) -> None:
+        # A given mask is part of the model and travels in state_dict. An absent one is a None
+        # buffer: no memory, no state_dict key (eager and scripted alike, so plain models keep
+        # nn4n's keys exactly and saved artifacts hold only the weights); _project and
+        # _scale_grad skip a None mask, in TorchScript too.
+        self.register_buffer(name, None if mask is None else mask.to(dtype).clone())
 
     @classmethod
     def from_nn4n(cls, path_or_checkpoint, *, trust_checkpoint: bool = False, **overrides) -> "CTRNN":
@@ -260,12 +248,9 @@ class CTRNN(nn.Module):
         """Project the weights in place: zero absent synapses, clamp signs to the E/I masks, keep
         a learnable α in [1e-3, 1]."""
         with torch.no_grad():
-            _project(self.recurrent_layer.input_layer.weight, self.sparsity_input, self._sparse_in,
-                     self.sign_input, self._sign_in)
-            _project(self.recurrent_layer.hidden_layer.weight, self.sparsity_hidden, self._sparse_hid,
-                     self.sign_hidden, self._sign_hid)
-            _project(self.readout_layer.weight, self.sparsity_readout, self._sparse_out,
-                     self.sign_readout, self._sign_out)
+            _project(self.recurrent_layer.input_layer.weight, self.sparsity_input, self.sign_input)
+            _project(self.recurrent_layer.hidden_layer.weight, self.sparsity_hidden, self.sign_hidden)
+            _project(self.readout_layer.weight, self.sparsity_readout, self.sign_readout)
             alpha = self.recurrent_layer.alpha
             if alpha is not None:
                 alpha.clamp_(min=1e-3, max=1.0)
@@ -274,9 +259,9 @@ class CTRNN(nn.Module):
     def apply_plasticity(self) -> None:
         """Scale each weight's gradient by its plasticity mask (call between backward and step)."""
         with torch.no_grad():
-            _scale_grad(self.recurrent_layer.input_layer.weight, self.plasticity_input, self._plastic_in)
-            _scale_grad(self.recurrent_layer.hidden_layer.weight, self.plasticity_hidden, self._plastic_hid)
-            _scale_grad(self.readout_layer.weight, self.plasticity_readout, self._plastic_out)
+            _scale_grad(self.recurrent_layer.input_layer.weight, self.plasticity_input)
+            _scale_grad(self.recurrent_layer.hidden_layer.weight, self.plasticity_hidden)
+            _scale_grad(self.readout_layer.weight, self.plasticity_readout)
 
     def _activate(self, v: Tensor) -> Tensor:
         if self.activation == "relu":

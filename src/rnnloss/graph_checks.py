@@ -1,0 +1,176 @@
+"""Run-time refusals inside the exported loss graphs (``rnn_loss.pt2`` and ``rnn_loss.onnx``).
+
+Eager mode and TorchScript raise on bad input before computing anything (``RNNLoss.forward``).
+An exported graph has no Python around it, so the checks it can see must be part of the graph:
+
+- **torch.export** (``.pt2``). Its input guards, built from the dynamic shapes that give pred,
+  label, states (and mask) one shared ``time`` and ``batch`` dimension and static last axes,
+  already refuse a label (or mask) whose shape differs from pred's — broadcastable ones included —
+  and states whose last axis is not N_hid. They do not refuse empty axes: torch.export lets a
+  dynamic dimension be 0 or 1 at run time whatever its declared minimum. :func:`traced_refusals`
+  adds what is missing as assertion nodes (``aten._assert_async.msg``) traced from a forward
+  pre-hook, so ``loss.py`` itself is unchanged: pred and states must not be empty, and mask
+  weights must be finite and >= 0.
+- **ONNX**. ONNX Runtime checks rank, dtype and the static axes of each input against the graph's
+  declaration, nothing else, and the ONNX exporter drops torch's assertion nodes.
+  :func:`add_onnx_refusals` adds check nodes to the exported model: each check gates the input it
+  is about through a ``Reshape`` to the input's own shape when the check holds and to an invalid
+  shape (``[-2, …]``) when it fails. Every consumer of that input reads the gated tensor, so the
+  check runs before anything uses the input, and a failure stops ``session.run`` with an error
+  naming the node — and the node is named after the message (``pred and label must have the same
+  shape``). The checks read shapes only, except the mask-weight check (one pass over the mask). The outputs are multiplied by an exact
+  1.0 that depends on every gated input, so a check runs even when no component reads its input.
+"""
+import contextlib
+from typing import Dict, Iterator, List, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+LABEL_SHAPE = "pred and label must have the same shape"
+PRED_EMPTY = "pred must not be empty"
+STATES_EMPTY = "states must not be empty"
+STATES_SAMPLES = "states must have pred's time and batch sizes in an exported graph"
+MASK_SHAPE = "mask must have pred's shape"
+MASK_WEIGHTS = "mask must hold finite weights >= 0"
+
+
+def _refusal_pre_hook(module: nn.Module, args) -> None:
+    """What torch.export's input guards miss, as assertion nodes in the traced graph.
+
+    ``args`` are forward's positional arguments (pred, label, states[, mask]). The emptiness tests
+    read only sizes, on a CPU scalar, so on the CPU they raise ``RuntimeError: <message>`` before
+    any work. The mask test reads the weights on the mask's device (one min/max pass); on CUDA it
+    is a device-side assertion, like eager's asynchronous mask check there.
+    """
+    pred = args[0]
+    states: Optional[Tensor] = args[2] if len(args) > 2 else None
+    mask: Optional[Tensor] = args[3] if len(args) > 3 else None
+    torch._assert_async(torch.scalar_tensor(pred.numel()) > 0, PRED_EMPTY)
+    if states is not None:
+        torch._assert_async(torch.scalar_tensor(states.numel()) > 0, STATES_EMPTY)
+    if mask is not None:
+        lo, hi = torch.aminmax(mask)  # NaN propagates to both, and fails both comparisons
+        torch._assert_async((lo >= 0) & (hi < float("inf")), MASK_WEIGHTS)
+
+
+@contextlib.contextmanager
+def traced_refusals(module: nn.Module) -> Iterator[None]:
+    """Within the block, ``torch.export.export(module, …)`` traces :func:`_refusal_pre_hook` too."""
+    handle = module.register_forward_pre_hook(_refusal_pre_hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def add_onnx_refusals(model):
+    """Add the run-time refusals to an exported loss graph in place; returns ``model``.
+
+    Checks (each a ``Reshape`` node named after its message, gating the input it names), for the
+    inputs the graph has:
+
+    ======  =====================================================================================
+    label   ``LABEL_SHAPE``: label's time and batch sizes are pred's
+    pred    ``PRED_EMPTY``: every axis of pred >= 1
+    states  ``STATES_SAMPLES``: states' time and batch sizes are pred's; ``STATES_EMPTY``: every
+            axis of states >= 1
+    mask    ``MASK_SHAPE``: mask's time and batch sizes are pred's; then ``MASK_WEIGHTS``: every
+            weight >= 0 and < inf (NaN fails both comparisons)
+    ======  =====================================================================================
+
+    "time and batch sizes" are the axes the graph declares with a ``dim_param``. Rank, dtype and
+    the static last axes (N_out, N_hid) are ONNX Runtime's own input checks, so with them
+    ``LABEL_SHAPE`` and ``MASK_SHAPE`` mean the whole shape is pred's. States must share pred's
+    sizes although eager does not ask it: the exporter takes the shared symbols from whichever input
+    comes first, so a graph fed states of other sizes would divide the mse by a count read from
+    states — a wrong number.
+    """
+    from onnx import TensorProto, helper
+
+    graph = model.graph
+    names = {i.name for i in graph.input}
+    dim_params = {i.name: [d.dim_param for d in i.type.tensor_type.shape.dim] for i in graph.input}
+    nodes: List = []
+    counter = [0]
+
+    def node(op: str, inputs: Sequence[str], name: Optional[str] = None, **attrs) -> str:
+        counter[0] += 1
+        out = f"_check_{op}_{counter[0]}"
+        nodes.append(helper.make_node(op, list(inputs), [out], name=name or out, **attrs))
+        return out
+
+    def const(values: Sequence, dtype: int = TensorProto.INT64, scalar: bool = False) -> str:
+        dims = [] if scalar else [len(values)]
+        return node("Constant", [], value=helper.make_tensor("value", dtype, dims, list(values)))
+
+    def all_true(flags: str) -> str:
+        """A bool scalar: every entry of the bool tensor ``flags`` is true."""
+        least = node("ReduceMin", [node("Cast", [flags], to=TensorProto.INT32)], keepdims=0)
+        return node("Cast", [least], to=TensorProto.BOOL)
+
+    def shape(x: str) -> str:
+        return node("Shape", [x])
+
+    bad = const([-2])  # Reshape takes -1, 0 and sizes; -2 is always an error
+    zero = const([0], scalar=True)
+    gated: Dict[str, str] = {name: name for name in names}
+
+    def gate(x: str, ok: str, message: str) -> None:
+        target = node("Where", [ok, shape(gated[x]), bad])
+        counter[0] += 1
+        out = f"_check_{x}_{counter[0]}"
+        nodes.append(helper.make_node("Reshape", [gated[x], target], [out], name=message))
+        gated[x] = out
+
+    def same_sizes(x: str) -> str:
+        """A bool scalar: every axis of x declared with a dim_param has pred's size on that axis."""
+        axes = [k for k, p in enumerate(dim_params[x]) if p]
+        theirs = [dim_params["pred"].index(dim_params[x][k]) for k in axes]
+        picked = [node("Gather", [shape(name), const(idx)], axis=0) for name, idx in ((x, axes), ("pred", theirs))]
+        return all_true(node("Equal", picked))
+
+    if "pred" in names:
+        for x, message in (("label", LABEL_SHAPE), ("states", STATES_SAMPLES), ("mask", MASK_SHAPE)):
+            if x in names:
+                gate(x, same_sizes(x), message)
+        gate("pred", all_true(node("Greater", [shape("pred"), zero])), PRED_EMPTY)
+    if "states" in names:
+        gate("states", all_true(node("Greater", [shape("states"), zero])), STATES_EMPTY)
+    if "mask" in names:
+        m = gated["mask"]
+        valid = node("And", [node("GreaterOrEqual", [m, const([0.0], TensorProto.FLOAT, scalar=True)]),
+                             node("Less", [m, const([float("inf")], TensorProto.FLOAT, scalar=True)])])
+        gate("mask", all_true(valid), MASK_WEIGHTS)
+    checks = list(nodes)
+
+    # Every consumer of an input reads its gated version.
+    for n in graph.node:
+        for k, name in enumerate(n.input):
+            if gated.get(name, name) != name:
+                n.input[k] = gated[name]
+
+    # An exact 1.0 that depends on every gated input (Size reads no data): the outputs wait for
+    # every check even where no component reads the input (e.g. label when lambda_mse = 0).
+    nodes.clear()
+    count = None
+    for x in sorted(gated):
+        if gated[x] != x:
+            size = node("Size", [gated[x]])
+            count = size if count is None else node("Add", [count, size])
+    if count is not None:
+        one = node("Cast", [node("GreaterOrEqual", [count, zero])], to=TensorProto.FLOAT)
+        for out in graph.output:
+            raw = out.name + "_unchecked"
+            for n in graph.node:
+                n.output[:] = [raw if name == out.name else name for name in n.output]
+                n.input[:] = [raw if name == out.name else name for name in n.input]
+            for init in graph.initializer:  # a graph of weight penalties only folds to constants
+                if init.name == out.name:
+                    init.name = raw
+            nodes.append(helper.make_node("Mul", [raw, one], [out.name], name=f"_check_output_{out.name}"))
+
+    computation = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(checks + computation + nodes)  # topological order: checks, graph, outputs
+    return model

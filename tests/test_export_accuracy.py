@@ -1,0 +1,65 @@
+"""The exported graphs keep the accuracy bound at 10^7 elements (ONNX Runtime CPU and the .pt2),
+against float64 of the formulas on the same float32 inputs (tests/reference.py, NumPy only):
+
+- mse and fr within 1e-5 relative;
+- fr_sd and fr_cv within max(1e-5, 4 × floor), the floor being the relative change of σ (or σ/μ)
+  when the exact per-neuron means are rounded once to float32 — what any float32 result of σ
+  must allow for near-constant rates (10 + randn: means 10 ± 0.007 at N_hid = 512).
+
+The model has N_out = N_hid so that pred, label and states all hold 10^7 elements (the graphs
+require states to share pred's time and batch sizes). One export per N_hid, sessions reused."""
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from reference import float64_statistics
+from rnnloss import CTRNN, RNNLoss, export
+
+SHAPES = {64: (625, 250, 64), 512: (1250, 16, 512)}  # (T, B, N): 1.0e7 and 1.02e7 elements
+RATES = {
+    "relu_randn": lambda g, shape: torch.randn(shape, generator=g).clamp_min(0),
+    "uniform": lambda g, shape: torch.rand(shape, generator=g),
+    "ten_plus_randn": lambda g, shape: 10 + torch.randn(shape, generator=g),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(SHAPES), ids=lambda n: f"N_hid={n}")
+def graphs(request, tmp_path_factory):
+    n = request.param
+    torch.manual_seed(0)
+    loss = RNNLoss(CTRNN((3, n, n)), lambda_mse=1.0, lambda_fr=1.0, lambda_fr_sd=1.0, lambda_fr_cv=1.0).eval()
+    folder = tmp_path_factory.mktemp(f"accuracy{n}")
+    example = export.sample_inputs(loss, 5, 3, seed=0)
+    export.export_onnx(loss, example, folder / "l.onnx", opset=None)
+    export.export_pt2(loss, example, folder / "l.pt2")
+    session = ort.InferenceSession(str(folder / "l.onnx"), providers=["CPUExecutionProvider"])
+    program = torch.export.load(str(folder / "l.pt2")).module()
+
+    def run_pt2(*xs):
+        with torch.no_grad():
+            return program(*xs)[1]
+
+    def run_ort(*xs):
+        return torch.from_numpy(session.run(["components"], dict(zip(export.INPUT_NAMES, (x.numpy() for x in xs))))[0])
+
+    return n, {"onnxruntime": run_ort, "pt2": run_pt2}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rates", list(RATES))
+def test_exported_graphs_meet_the_accuracy_bound_at_ten_million_elements(graphs, rates):
+    n, runtimes = graphs
+    g = torch.Generator().manual_seed(n)
+    shape = SHAPES[n]
+    pred, label = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    states = RATES[rates](g, shape)
+    ref = float64_statistics(pred, label, states)
+    bounds = {"mse": 1e-5, "fr": 1e-5,
+              "fr_sd": max(1e-5, 4 * ref["floor_sd"]), "fr_cv": max(1e-5, 4 * ref["floor_cv"])}
+    for runtime, run in runtimes.items():
+        got = run(pred, label, states).double()
+        for name, index in (("mse", 0), ("fr", 4), ("fr_sd", 5), ("fr_cv", 6)):
+            err = abs(got[index].item() - ref[name]) / abs(ref[name])
+            assert err <= bounds[name], f"{runtime} {name}: relative error {err:.2e} > {bounds[name]:.2e}"
+    assert np.isfinite(list(ref.values())).all()
