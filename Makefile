@@ -61,15 +61,17 @@ test-latest: $(LATEST_STAMP)
 export: $(STAMP)
 	$(PY) export/export.py --out $(OUT) --force
 
-$(OUT)/ctrnn_train.pt: | $(STAMP)
+$(OUT)/rnnloss_native.pt: | $(STAMP)
 	$(PY) export/export.py --out $(OUT) --force
 
-## Build the C++ programs against the installed torch's libtorch and train on the CPU.
-cpp: $(STAMP) $(OUT)/ctrnn_train.pt
+## Build the C++ library and programs against the installed torch's libtorch and train on the CPU
+## (native engine; ENGINE=torchscript for the TorchScript one).
+ENGINE ?= native
+cpp: $(STAMP) $(OUT)/rnnloss_native.pt
 	@echo "== configuring and building cpp/ into $(BUILD) against the libtorch inside $(VENV)'s torch (a few minutes the first time)"
 	cmake -S cpp -B $(BUILD) -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')"
 	cmake --build $(BUILD) -j2
-	$(BUILD)/train_ctrnn $(OUT) --steps $(STEPS) --device cpu --out $(OUT)/ctrnn_trained.pt
+	$(BUILD)/train_ctrnn $(OUT) --engine $(ENGINE) --steps $(STEPS) --device cpu --out $(BUILD)/ctrnn_trained_$(ENGINE).pt
 
 clean:
 	rm -rf build $(OUT) .pytest_cache examples/out

@@ -249,7 +249,8 @@ def check_accuracy(loss, variants, pred, label, states):
 
 def bench_training(t, b, n, device, rounds, cpp_program=None):
     """One optimisation step (forward, loss, backward, Adam, enforce_constraints), eager vs
-    scripted in Python, and the C++ program on the same scripted module when it is built."""
+    scripted in Python, and the C++ program train_ctrnn on the same model when it is built: its
+    native engine (the C++ library, from rnnloss_native.pt) and its TorchScript engine."""
     from rnnloss.trainer import CTRNNTrainer
     torch.manual_seed(0)
     model = CTRNN((3, n, 2)).to(device)
@@ -275,20 +276,33 @@ def bench_training(t, b, n, device, rounds, cpp_program=None):
     print(f"    Python eager     {fmt(times['eager'])}")
     print(f"    Python scripted  {fmt(times['scripted'])}  eager/scripted {times['eager'] / times['scripted']:5.2f}x")
     if cpp_program is not None:
-        import re
-        import subprocess
-        with tempfile.TemporaryDirectory() as d:
-            torch.jit.save(torch.jit.script(CTRNNTrainer(loss).cpu()), str(Path(d) / "ctrnn_train.pt"))
-            result = subprocess.run([str(cpp_program), d, "--steps", str(5 + 3 * rounds), "--time", str(t), "--batch",
-                                     str(b), "--device", device, "--log-every", "100000", "--out",
-                                     str(Path(d) / "trained.pt")], capture_output=True, text=True)
-        found = re.search(r"ms_per_step=(\S+)", result.stdout)
-        if found:
-            ms = float(found.group(1)) / 1e3
-            print(f"    C++ (libtorch)   {fmt(ms)}  eager/C++ {times['eager'] / ms:5.2f}x  scripted/C++ "
-                  f"{times['scripted'] / ms:5.2f}x  (same run; its own task data, median after 5 steps)")
+        for engine in ("native", "torchscript"):
+            ms = cpp_step_seconds(cpp_program, engine, loss, t, b, device, rounds)
+            if isinstance(ms, str):
+                print(f"    C++ {engine:<12} not measured: {ms}")
+            else:
+                print(f"    C++ {engine:<12} {fmt(ms)}  eager/C++ {times['eager'] / ms:5.2f}x  scripted/C++ "
+                      f"{times['scripted'] / ms:5.2f}x  (same run; its own task data, median after 5 steps)")
+
+
+def cpp_step_seconds(cpp_program, engine, loss, t, b, device, rounds):
+    """Median training-step time of ``train_ctrnn --engine ENGINE`` on ``loss`` (or why it failed)."""
+    import re
+    import subprocess
+    from rnnloss.native import NATIVE, save_native
+    from rnnloss.trainer import CTRNNTrainer
+    with tempfile.TemporaryDirectory() as d:
+        if engine == "native":
+            save_native(loss, Path(d) / NATIVE)
         else:
-            print(f"    C++ (libtorch)   not measured: {cpp_program} failed: {result.stderr.strip()[-200:]}")
+            torch.jit.save(torch.jit.script(CTRNNTrainer(loss).cpu()), str(Path(d) / "ctrnn_train.pt"))
+        result = subprocess.run([str(cpp_program), d, "--engine", engine, "--steps", str(5 + 3 * rounds), "--time",
+                                 str(t), "--batch", str(b), "--device", device, "--log-every", "100000", "--out",
+                                 str(Path(d) / "trained.pt")], capture_output=True, text=True)
+    found = re.search(r"ms_per_step=(\S+)", result.stdout)
+    if found:
+        return float(found.group(1)) / 1e3
+    return f"{cpp_program} failed: {result.stderr.strip()[-200:]}"
 
 
 def main():

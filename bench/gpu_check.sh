@@ -27,7 +27,10 @@ run pytest_cuda "$PYTHON" -m pytest -m cuda -rs -q -p no:cacheprovider tests
 run export_cuda "$PYTHON" export/export.py --device cuda --force --out "$REPORT/artifacts"
 PREFIX=$("$PYTHON" -c 'import torch; print(torch.utils.cmake_prefix_path)')
 run cpp_build bash -c "cmake -S cpp -B '$REPORT/build' -DCMAKE_PREFIX_PATH='$PREFIX' && cmake --build '$REPORT/build' -j"
-run cpp_train_cuda "$REPORT/build/train_ctrnn" "$REPORT/artifacts" --steps 300 --device cuda --out "$REPORT/ctrnn_trained_cuda.pt"
+for engine in native torchscript; do
+  run "cpp_train_cuda_$engine" "$REPORT/build/train_ctrnn" "$REPORT/artifacts" --engine $engine --steps 300 --device cuda \
+    --out "$REPORT/ctrnn_trained_cuda_$engine.pt"
+done
 run bench_cuda "$PYTHON" bench/bench_loss.py --device cuda --rounds 21
 echo "report in $REPORT/ (exit $status)"
 exit $status

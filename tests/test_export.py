@@ -23,7 +23,7 @@ def artifacts(tmp_path_factory):
     return out
 
 
-def test_export_writes_exactly_the_five_artifacts(artifacts):
+def test_export_writes_exactly_the_listed_artifacts(artifacts):
     assert sorted(p.name for p in artifacts.iterdir()) == sorted(export.ARTIFACTS)
 
 
@@ -226,7 +226,8 @@ def flip_bit(path, offset):
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("name", ["rnn_loss.pt", "ctrnn_train.pt", "rnn_loss.pt2", "rnn_loss.onnx"])
+@pytest.mark.parametrize("name", ["rnn_loss.pt", "ctrnn_train.pt", "rnn_loss.pt2", "rnn_loss.onnx",
+                                  "rnnloss_native.pt"])
 def test_verify_catches_one_flipped_bit_in_any_artifact(name, copy_of, capsys):
     folder = copy_of()
     flip_bit(folder / name, (folder / name).stat().st_size // 2)

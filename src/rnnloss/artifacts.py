@@ -12,10 +12,11 @@ import torch
 
 from .loss import RNNLoss
 from .model import CTRNN
+from .native import NATIVE
 
 LOSS_PT, TRAIN_PT, LOSS_ONNX, LOSS_PT2, MANIFEST = (
     "rnn_loss.pt", "ctrnn_train.pt", "rnn_loss.onnx", "rnn_loss.pt2", "manifest.json")
-ARTIFACTS = (LOSS_PT, TRAIN_PT, LOSS_ONNX, LOSS_PT2, MANIFEST)
+ARTIFACTS = (LOSS_PT, TRAIN_PT, LOSS_ONNX, LOSS_PT2, NATIVE, MANIFEST)
 INPUT_NAMES = ("pred", "label", "states")
 MASKED_INPUT_NAMES = INPUT_NAMES + ("mask",)  # with "mask": true in the config
 OUTPUT_NAMES = ("total", "components")

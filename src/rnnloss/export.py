@@ -34,7 +34,9 @@ from .artifacts import (ARTIFACTS, GENERATOR, INPUT_NAMES, LOSS_ONNX, LOSS_PT, L
                         MASKED_INPUT_NAMES, OUTPUT_NAMES, TRAIN_PT, NotAnExport, build, input_names, read_manifest,
                         sample_inputs, sha256, sum_mismatches)
 from .loss import COMPONENT_NAMES, LAMBDA_NAMES, RNNLoss
+from .native import NATIVE, save_native
 from .trainer import CTRNNTrainer
+
 
 def axis_names(batch_first: bool) -> Tuple[str, str]:
     return ("batch", "time") if batch_first else ("time", "batch")
@@ -120,7 +122,7 @@ def versions() -> Dict[str, Optional[str]]:
 
 
 def write_artifacts(config: Dict[str, Any], folder: Path) -> Dict[str, Any]:
-    """Write the four graphs into ``folder``; returns the manifest (without parity results)."""
+    """Write the four graphs and the native weights file into ``folder``; returns the manifest (without parity results)."""
     loss = build(config)
     ex = config["example"]
     example = sample_inputs(loss, ex["time"], ex["batch"], seed=config["seed"], mask=config["mask"])
@@ -128,6 +130,7 @@ def write_artifacts(config: Dict[str, Any], folder: Path) -> Dict[str, Any]:
     export_torchscript(CTRNNTrainer(loss), folder / TRAIN_PT)  # eval mode, as the loss
     export_pt2(loss, example, folder / LOSS_PT2)
     opset = export_onnx(loss, example, folder / LOSS_ONNX, config["opset"])
+    save_native(loss, folder / NATIVE)
     first, second = axis_names(loss.model.batch_first)
     n_in, n_hid, n_out = config["model"]["dims"]
     inputs = {"pred": [first, second, n_out], "label": [first, second, n_out], "states": [first, second, n_hid]}
@@ -180,7 +183,7 @@ def require_onnx() -> None:
 MEMORY_BASE = 1 << 30
 MEMORY_PER_WEIGHT_BYTE = 24
 MEMORY_PER_RATE_BYTE = 64
-DISK_PER_WEIGHT_BYTE = 5  # four graphs hold the weights once each; one spare for another artifact
+DISK_PER_WEIGHT_BYTE = 6  # five artifacts (four graphs, the native file) hold the weights once each; one spare
 
 
 def resource_estimate(config: Dict[str, Any]) -> Tuple[int, int]:

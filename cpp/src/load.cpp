@@ -1,0 +1,187 @@
+#include <rnnloss/load.h>
+
+#include "native_format.h"
+
+#include <c10/util/Exception.h>
+#include <torch/serialize.h>
+#include <torch/torch.h>
+
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <string>
+#include <vector>
+
+namespace rnnloss {
+
+namespace {
+
+constexpr const char* kFormat = "rnnloss.native";
+constexpr int64_t kVersion = 1;
+const char* const kLayers[3] = {"input", "hidden", "readout"};
+
+using Dict = c10::Dict<c10::IValue, c10::IValue>;
+
+// Typed access to the artifact's dict, with a message that names the file and the key.
+struct Reader {
+  std::string path;
+
+  c10::IValue get(const Dict& dict, const std::string& key, const std::string& where) const {
+    auto it = dict.find(key);
+    TORCH_CHECK_VALUE(it != dict.end(), "rnnloss::load: ", path, " has no '", where, key, "'");
+    return it->value();
+  }
+  Dict dict(const Dict& d, const std::string& key, const std::string& where = "") const {
+    auto v = get(d, key, where);
+    TORCH_CHECK_VALUE(v.isGenericDict(), "rnnloss::load: ", path, ": '", where, key, "' must be a dict");
+    return v.toGenericDict();
+  }
+  double number(const Dict& d, const std::string& key, const std::string& where) const {
+    auto v = get(d, key, where);
+    TORCH_CHECK_VALUE(v.isDouble() || v.isInt(), "rnnloss::load: ", path, ": '", where, key, "' must be a number");
+    return v.isDouble() ? v.toDouble() : static_cast<double>(v.toInt());
+  }
+  bool flag(const c10::IValue& v, const std::string& what) const {
+    TORCH_CHECK_VALUE(v.isBool(), "rnnloss::load: ", path, ": '", what, "' must be a bool");
+    return v.toBool();
+  }
+  std::string text(const c10::IValue& v, const std::string& what) const {
+    TORCH_CHECK_VALUE(v.isString(), "rnnloss::load: ", path, ": '", what, "' must be a string");
+    return v.toStringRef();
+  }
+  std::vector<c10::IValue> list(const Dict& d, const std::string& key, const std::string& where, size_t size) const {
+    auto v = get(d, key, where);
+    TORCH_CHECK_VALUE(v.isList() && v.toListRef().size() == size, "rnnloss::load: ", path, ": '", where, key,
+                      "' must be a list of ", size);
+    auto ref = v.toListRef();
+    return std::vector<c10::IValue>(ref.begin(), ref.end());
+  }
+};
+
+std::vector<char> read_bytes(const std::string& file) {
+  std::ifstream in(file, std::ios::binary);
+  TORCH_CHECK_VALUE(in.good(), "rnnloss::load: cannot read ", file,
+                    " (the export command writes it; from Python: rnnloss.native.save_native(loss, path))");
+  return std::vector<char>(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+}
+
+}  // namespace
+
+Exported load(const std::string& path) {
+  std::filesystem::path file(path);
+  if (std::filesystem::is_directory(file)) file /= kNativeArtifact;
+  auto bytes = read_bytes(file.string());
+  c10::IValue root;
+  try {
+    root = torch::pickle_load(bytes);
+  } catch (const c10::Error& e) {
+    TORCH_CHECK_VALUE(false, "rnnloss::load: ", file.string(), " is not a torch.save file: ",
+                      e.what_without_backtrace());
+  }
+  return detail::from_native_dict(root, file.string());
+}
+
+namespace detail {
+
+Exported from_native_dict(const c10::IValue& root, const std::string& where) {
+  Reader r{where};
+  TORCH_CHECK_VALUE(root.isGenericDict(), "rnnloss::load: ", r.path, " is not an rnnloss native export (not a dict)");
+  auto top = root.toGenericDict();
+  auto format = r.get(top, "format", "");
+  TORCH_CHECK_VALUE(format.isString() && format.toStringRef() == kFormat, "rnnloss::load: ", r.path,
+                    " is not an rnnloss native export (its 'format' is not '", kFormat, "')");
+  auto version = r.get(top, "version", "");
+  TORCH_CHECK_VALUE(version.isInt() && version.toInt() == kVersion, "rnnloss::load: ", r.path, " has format version ",
+                    version, "; this library reads version ", kVersion);
+
+  auto m = r.dict(top, "model");
+  const std::string at = "model.";
+  auto dims = r.list(m, "dims", at, 3);
+  for (const auto& d : dims) TORCH_CHECK_VALUE(d.isInt(), "rnnloss::load: ", r.path, ": 'model.dims' must hold ints");
+  CTRNNOptions options(dims[0].toInt(), dims[1].toInt(), dims[2].toInt());
+  options.tau(r.number(m, "tau", at)).dt(r.number(m, "dt", at));
+  options.activation(r.text(r.get(m, "activation", at), "model.activation"));
+  options.preact_noise(r.number(m, "preact_noise", at)).postact_noise(r.number(m, "postact_noise", at));
+  options.batch_first(r.flag(r.get(m, "batch_first", at), "model.batch_first"));
+  options.learn_alpha(r.flag(r.get(m, "learn_alpha", at), "model.learn_alpha"));
+  options.init_state(r.text(r.get(m, "init_state", at), "model.init_state"));
+  std::vector<std::string> biases;
+  for (const auto& b : r.list(m, "biases", at, 3)) {
+    auto kind = r.text(b, "model.biases");
+    TORCH_CHECK_VALUE(kind == "trained" || kind == "fixed" || kind == "absent", "rnnloss::load: ", r.path,
+                      ": 'model.biases' entries must be 'trained', 'fixed' or 'absent', got '", kind, "'");
+    biases.push_back(kind == "trained" ? "zero" : kind);  // the values come from the state_dict
+  }
+  options.biases(biases).weights("zero");
+
+  auto state = r.dict(top, "state_dict");
+  auto tensor = [&](const std::string& key) {
+    auto v = r.get(state, key, "state_dict.");
+    TORCH_CHECK_VALUE(v.isTensor(), "rnnloss::load: ", r.path, ": 'state_dict.", key, "' must be a tensor");
+    return v.toTensor();
+  };
+  // Masks: present ones are in the state_dict under the buffer names CTRNN gives them.
+  std::vector<std::pair<std::string, std::string>> mask_kinds = {
+      {"sparsity_masks", "sparsity_"}, {"ei_masks", "sign_"}, {"plasticity_masks", "plasticity_"}};
+  for (const auto& [key, prefix] : mask_kinds) {
+    auto present = r.list(m, key, at, 3);
+    std::vector<torch::Tensor> masks(3);
+    bool any = false;
+    for (int i = 0; i < 3; ++i) {
+      if (!r.flag(present[static_cast<size_t>(i)], "model." + key)) continue;
+      masks[static_cast<size_t>(i)] = tensor(prefix + kLayers[i]);
+      any = true;
+    }
+    if (!any) masks.clear();
+    if (key == "sparsity_masks") options.sparsity_masks(masks);
+    else if (key == "ei_masks") options.ei_masks(masks);
+    else options.plasticity_masks(masks);
+  }
+
+  CTRNN model(options);
+  model->to(tensor("recurrent_layer.input_layer.weight").scalar_type());
+  {
+    torch::NoGradGuard no_grad;
+    size_t expected = 0;
+    auto copy = [&](const std::string& name, torch::Tensor& target) {
+      auto value = tensor(name);
+      TORCH_CHECK_VALUE(value.sizes() == target.sizes(), "rnnloss::load: ", r.path, ": 'state_dict.", name,
+                        "' has shape ", value.sizes(), ", the model's has ", target.sizes());
+      target.copy_(value);
+      ++expected;
+    };
+    for (auto& p : model->named_parameters()) copy(p.key(), p.value());
+    for (auto& b : model->named_buffers()) copy(b.key(), b.value());
+    TORCH_CHECK_VALUE(state.size() == expected, "rnnloss::load: ", r.path, ": 'state_dict' has ", state.size(),
+                      " entries, the model built from its config has ", expected);
+  }
+
+  auto l = r.dict(top, "loss");
+  auto active = r.list(l, "active", "loss.", 7);
+  auto lambda_values = r.list(l, "lambdas", "loss.", 7);
+  std::vector<double> lambdas(7);
+  std::array<double, 7> construct{};
+  for (size_t i = 0; i < 7; ++i) {
+    const auto& v = lambda_values[i];
+    TORCH_CHECK_VALUE(v.isDouble() || v.isInt(), "rnnloss::load: ", r.path, ": 'loss.lambdas' must hold numbers");
+    lambdas[i] = v.isDouble() ? v.toDouble() : static_cast<double>(v.toInt());
+    // An active component annealed to 0 stays active: build it with a placeholder, then write λ.
+    construct[i] = r.flag(active[i], "loss.active") ? (lambdas[i] > 0 ? lambdas[i] : 1.0) : 0.0;
+  }
+  RNNLoss loss(model, RNNLossOptions()
+                          .lambda_mse(construct[0])
+                          .lambda_in(construct[1])
+                          .lambda_hid(construct[2])
+                          .lambda_out(construct[3])
+                          .lambda_fr(construct[4])
+                          .lambda_fr_sd(construct[5])
+                          .lambda_fr_cv(construct[6]));
+  {
+    torch::NoGradGuard no_grad;
+    loss->lambdas.copy_(torch::tensor(lambdas, torch::dtype(torch::kFloat64)));
+  }
+  return {model, loss};
+}
+
+}  // namespace detail
+}  // namespace rnnloss

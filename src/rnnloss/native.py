@@ -1,0 +1,96 @@
+"""The export artifact that the native C++ library reads: ``rnnloss_native.pt``.
+
+``rnnloss::load(dir)`` (C++, no TorchScript) rebuilds a :class:`~rnnloss.CTRNN` and its
+:class:`~rnnloss.RNNLoss` from it; Python reads it with ``torch.load(path, weights_only=True)``.
+
+Format (version 1): ``torch.save`` of a dict holding only plain values (str, int, float, bool and
+lists of them) and tensors, so that both ``torch::pickle_load`` and the weights-only unpickler
+accept it::
+
+    {
+      "format": "rnnloss.native",
+      "version": 1,
+      "model": {
+        "dims": [N_in, N_hid, N_out],            # ints
+        "tau": float, "dt": float,
+        "activation": "relu" | "tanh" | "sigmoid" | "softplus" | "retanh",
+        "preact_noise": float, "postact_noise": float,
+        "batch_first": bool, "learn_alpha": bool,
+        "init_state": "zero" | "learn",
+        "biases": [kind] * 3,                    # input, hidden, readout: "trained" (a trained
+                                                 # parameter), "fixed" (zero, never trained:
+                                                 # nn4n's None) or "absent" (no bias)
+        "sparsity_masks": [bool] * 3,            # which layers have a mask; the masks themselves
+        "ei_masks": [bool] * 3,                  # are in state_dict (sparsity_input, sign_hidden,
+        "plasticity_masks": [bool] * 3,          # plasticity_readout, ...), weight-shaped
+      },
+      "loss": {
+        "component_names": ["mse", "in", "hid", "out", "fr", "fr_sd", "fr_cv"],
+        "active": [bool] * 7,                    # fixed at construction (λ > 0 then)
+        "lambdas": [float] * 7,                  # the current λ (the buffer; float64 values)
+      },
+      "state_dict": {name: tensor},              # model.state_dict(): parameters and given masks,
+                                                 # in the model's dtype, on the CPU
+    }
+
+The model's dtype is that of its tensors. Noise settings are kept; the C++ model draws its own
+noise in training mode.
+"""
+from pathlib import Path
+from typing import Any, Dict, Union
+
+import torch
+
+from .loss import COMPONENT_NAMES, RNNLoss
+
+NATIVE = "rnnloss_native.pt"
+FORMAT = "rnnloss.native"
+VERSION = 1
+_LAYERS = ("input", "hidden", "readout")
+
+
+def _bias_kind(linear: torch.nn.Linear) -> str:
+    if linear.bias is None:
+        return "absent"
+    return "trained" if linear.bias.requires_grad else "fixed"
+
+
+def native_payload(loss: RNNLoss) -> Dict[str, Any]:
+    """The dict :func:`save_native` writes (see the module docstring)."""
+    model = loss.model
+    state = {name: t.detach().cpu().clone() for name, t in model.state_dict().items()}
+    linears = (model.recurrent_layer.input_layer, model.recurrent_layer.hidden_layer, model.readout_layer)
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "model": {
+            "dims": [model.n_in, model.n_hid, model.n_out],
+            "tau": float(model.tau),
+            "dt": float(model.dt),
+            "activation": model.activation,
+            "preact_noise": float(model.preact_noise),
+            "postact_noise": float(model.postact_noise),
+            "batch_first": bool(model.batch_first),
+            "learn_alpha": bool(model.learn_alpha),
+            "init_state": model.init_state,
+            "biases": [_bias_kind(lin) for lin in linears],
+            "sparsity_masks": [f"sparsity_{layer}" in state for layer in _LAYERS],
+            "ei_masks": [f"sign_{layer}" in state for layer in _LAYERS],
+            "plasticity_masks": [f"plasticity_{layer}" in state for layer in _LAYERS],
+        },
+        "loss": {
+            "component_names": list(COMPONENT_NAMES),
+            "active": [bool(on) for on in loss._on],
+            "lambdas": [float(v) for v in loss.lambdas.detach().cpu().double()],
+        },
+        "state_dict": state,
+    }
+
+
+def save_native(loss: RNNLoss, path: Union[str, Path]) -> None:
+    """Write ``loss`` and its model to ``path`` in the format of the module docstring."""
+    if not isinstance(loss, RNNLoss):
+        raise TypeError(f"loss must be an RNNLoss, got {type(loss).__name__}")
+    if loss.sync_stats:
+        raise ValueError("save_native: the native C++ loss has no sync_stats; build the loss with sync_stats=False")
+    torch.save(native_payload(loss), str(path))
