@@ -6,26 +6,56 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 OUT ?= artifacts
 PYTEST_ARGS ?=
+PIP_FLAGS := --quiet --disable-pip-version-check
 
 BUILD ?= build
 STEPS ?= 300
 
-.PHONY: all venv test export cpp bench gpu-check example clean
+.PHONY: all venv test test-latest export cpp bench gpu-check example clean
 
 all: test
 
-$(STAMP): requirements/base.txt requirements/onnx.txt requirements/test.txt requirements/nn4n.txt pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements/test.txt
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements/nn4n.txt
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
-	touch $@
+# $(call install_venv,VENV,REQUIREMENTS,WHAT): make VENV if missing, install REQUIREMENTS, nn4n 1.1.1
+# (--no-deps: it needs only torch, numpy and matplotlib) and this package (editable); say what before
+# each step, since pip runs quietly for minutes. WHAT must not contain commas.
+define install_venv
+	@echo "== $(1): creating it if missing, then installing $(2) ($(3))"
+	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install $(PIP_FLAGS) -r $(2)
+	@echo "== $(1): nn4n 1.1.1 (--no-deps) and this package (editable)"
+	$(1)/bin/python -m pip install $(PIP_FLAGS) --no-deps -r requirements/nn4n.txt
+	$(1)/bin/python -m pip install $(PIP_FLAGS) --no-deps -e .
+	touch $(1)/.installed-stamp
+endef
+
+$(STAMP): requirements/base.txt requirements/onnx.txt requirements/test-tools.txt requirements/test.txt requirements/nn4n.txt pyproject.toml
+	$(call install_venv,$(VENV),requirements/test.txt,torch 2.13.0 CPU with onnx and pytest: about 1 GB; a minute or two)
 
 venv: $(STAMP)
 
 ## Run the whole test suite (what CI runs).
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+## The suite again on the newest torch tested (2.14.1) in its own venv, .venv-latest.
+## torch 2.14.1 is on this package index only as a CUDA build: the wheel and its nvidia-* libraries
+## take about 6 GB on disk; the suite runs on the CPU (and uses a GPU where one is present).
+LATEST_VENV ?= .venv-latest
+LATEST_PY := $(LATEST_VENV)/bin/python
+LATEST_STAMP := $(LATEST_VENV)/.installed-stamp
+
+$(LATEST_STAMP): requirements/latest.txt requirements/onnx.txt requirements/test-tools.txt requirements/nn4n.txt pyproject.toml
+	$(call install_venv,$(LATEST_VENV),requirements/latest.txt,torch 2.14.1 CUDA build with its nvidia libraries: about 6 GB; several minutes)
+
+# The C++ tests build cpp/ against this torch's libtorch, a CUDA build: CMake configures it only with
+# a CUDA toolkit, found through CUDA_PATH, and links it only if the toolkit has nvrtc. Without both
+# they are deselected, and the run says so first.
+CUDA_PATH ?= /usr/local/cuda
+LATEST_MARK := $(if $(and $(wildcard $(CUDA_PATH)/bin/nvcc),$(wildcard $(CUDA_PATH)/lib64/libnvrtc.so*)),,-m "not cpp")
+
+test-latest: $(LATEST_STAMP)
+	@$(if $(LATEST_MARK),echo "== no CUDA toolkit with nvcc and nvrtc at CUDA_PATH=$(CUDA_PATH): the C++ tests (marker cpp) cannot build against torch 2.14.1's CUDA libtorch and are deselected")
+	CUDA_PATH=$(CUDA_PATH) $(LATEST_PY) -m pytest $(LATEST_MARK) $(PYTEST_ARGS)
 
 ## Export every artifact with the embedded default config and print the parity table.
 export: $(STAMP)
@@ -38,20 +68,27 @@ $(OUT)/rnnloss_native.pt: | $(STAMP)
 ## (native engine; ENGINE=torchscript for the TorchScript one).
 ENGINE ?= native
 cpp: $(STAMP) $(OUT)/rnnloss_native.pt
+	@echo "== configuring and building cpp/ into $(BUILD) against the libtorch inside $(VENV)'s torch (a few minutes the first time)"
 	cmake -S cpp -B $(BUILD) -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')"
 	cmake --build $(BUILD) -j2
 	$(BUILD)/train_ctrnn $(OUT) --engine $(ENGINE) --steps $(STEPS) --device cpu --out $(BUILD)/ctrnn_trained_$(ENGINE).pt
 
 clean:
-	rm -rf build $(OUT) .pytest_cache
+	rm -rf build $(OUT) .pytest_cache examples/out
 
-## The neurogym example in its own venv (neurogym pins numpy 2.2); writes docs/neurogym_task.png.
+## The neurogym example in its own venv (neurogym pins numpy 2.2). The figure goes to
+## EXAMPLE_OUT, which git ignores; `make example EXAMPLE_OUT=docs/neurogym_task.png` refreshes the
+## README's figure on purpose. EXAMPLE_ARGS passes options (e.g. EXAMPLE_ARGS="--decision-weight 1").
 EXAMPLE_VENV ?= .venv-example
-example:
-	test -x $(EXAMPLE_VENV)/bin/python || $(PYTHON) -m venv $(EXAMPLE_VENV)
-	$(EXAMPLE_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements/example.txt
-	$(EXAMPLE_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
-	$(EXAMPLE_VENV)/bin/python examples/neurogym_task.py --out docs/neurogym_task.png
+EXAMPLE_STAMP := $(EXAMPLE_VENV)/.installed-stamp
+EXAMPLE_OUT ?= examples/out/neurogym_task.png
+EXAMPLE_ARGS ?=
+
+$(EXAMPLE_STAMP): requirements/example.txt requirements/nn4n.txt pyproject.toml
+	$(call install_venv,$(EXAMPLE_VENV),requirements/example.txt,torch 2.13.0 CPU with neurogym and tqdm: about 1 GB; a minute or two)
+
+example: $(EXAMPLE_STAMP)
+	$(EXAMPLE_VENV)/bin/python examples/neurogym_task.py --out $(EXAMPLE_OUT) $(EXAMPLE_ARGS)
 
 ## Benchmarks: ratios against the memory floor and a naive transcription, measured in one run.
 bench: $(STAMP)

@@ -227,11 +227,21 @@ class CTRNN(nn.Module):
     def from_nn4n(cls, path_or_checkpoint, *, trust_checkpoint: bool = False, **overrides) -> "CTRNN":
         """Build a CTRNN from an nn4n (1.1) checkpoint: a path or the dict nn4n's ``save()`` writes.
 
-        See :func:`rnnloss.nn4n.from_nn4n`; ``overrides`` (e.g. ``batch_first=True``) are passed
-        to the constructor.
+        :func:`rnnloss.nn4n.read_checkpoint` translates the checkpoint (see that module for what
+        changes on the way in); ``overrides`` (e.g. ``batch_first=True``) replace constructor
+        arguments. A checkpoint saved with numpy arrays needs ``trust_checkpoint=True`` (full
+        unpickling, with a warning: only for files you trust).
         """
-        from .nn4n import from_nn4n
-        return from_nn4n(path_or_checkpoint, trust_checkpoint=trust_checkpoint, cls=cls, **overrides)
+        from .nn4n import NN4NCheckpointError, read_checkpoint
+        dims, options, state = read_checkpoint(path_or_checkpoint, trust_checkpoint=trust_checkpoint)
+        options.update(overrides)
+        model = cls(dims, **options)
+        # Not strict: the checkpoint holds the parameters; given masks come from the options.
+        result = model.load_state_dict(state, strict=False)
+        if result.unexpected_keys:  # an override dropped a parameter the checkpoint has (biases=False)
+            raise NN4NCheckpointError(f"the checkpoint has {sorted(result.unexpected_keys)}, which the model built "
+                                      f"with overrides {sorted(overrides)} lacks")
+        return model
 
     @torch.jit.export
     def enforce_constraints(self) -> None:

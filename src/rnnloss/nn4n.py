@@ -1,7 +1,10 @@
-"""Reading nn4n (1.1) checkpoints: ``CTRNN.from_nn4n``.
+"""Reading nn4n (1.1) checkpoints: the translation behind ``CTRNN.from_nn4n``.
 
-nn4n's ``CTRNN.save(path)`` writes ``{"model_state_dict": ..., "kwargs": ...}`` where ``kwargs``
-are the constructor arguments exactly as the user passed them. What changes on the way in:
+:func:`read_checkpoint` turns what nn4n's ``CTRNN.save(path)`` writes
+(``{"model_state_dict": ..., "kwargs": ...}``, ``kwargs`` being the constructor arguments exactly as
+the user passed them) into the arguments of :class:`rnnloss.CTRNN` and the state dict to load.
+This module sits below the model: it never imports it; :meth:`rnnloss.CTRNN.from_nn4n` calls it.
+What changes on the way in:
 
 - masks: nn4n takes them as (in, out) and transposes; here they are (out, in) like the weights.
   nn4n turns an E/I mask into ±1 with ``> 0`` → +1 and everything else → −1, and a sparsity
@@ -19,7 +22,7 @@ are the constructor arguments exactly as the user passed them. What changes on t
 import os
 import pickle
 import warnings
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -53,7 +56,8 @@ def load_checkpoint(path_or_checkpoint, trust_checkpoint: bool = False) -> Dict[
                 f"{path}: torch.load(weights_only=True) refused this checkpoint ({reason}). nn4n checkpoints "
                 "whose kwargs hold numpy arrays (e.g. masks) need CTRNN.from_nn4n(path, trust_checkpoint=True); "
                 "use it only for files you trust, since full unpickling can run arbitrary code") from None
-    warnings.warn(f"loading {path} with full unpickling (trust_checkpoint=True)", stacklevel=3)
+    # stacklevel 4: the user's call of CTRNN.from_nn4n (via read_checkpoint and CTRNN.from_nn4n)
+    warnings.warn(f"loading {path} with full unpickling (trust_checkpoint=True)", stacklevel=4)
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
@@ -119,10 +123,15 @@ def _biases(kwargs: Dict[str, Any]):
     return out
 
 
-def from_nn4n(path_or_checkpoint, *, trust_checkpoint: bool = False, cls=None, **overrides):
-    """Build a :class:`~rnnloss.CTRNN` equal to the nn4n CTRNN in the checkpoint (see module doc)."""
-    from .model import CTRNN
-    cls = cls or CTRNN
+def read_checkpoint(path_or_checkpoint, *, trust_checkpoint: bool = False
+                    ) -> Tuple[List[int], Dict[str, Any], Dict[str, Tensor]]:
+    """``(dims, options, state)`` of the nn4n CTRNN in a checkpoint (a path or the dict nn4n saves).
+
+    ``CTRNN(dims, **options)`` builds the equivalent model (see the module docstring for what is
+    translated); ``state`` holds the checkpoint's nn4n parameters for ``load_state_dict``.
+    Raises :class:`NN4NCheckpointError` for anything that is not an nn4n CTRNN checkpoint this
+    package can read.
+    """
     ckpt = load_checkpoint(path_or_checkpoint, trust_checkpoint)
     if not isinstance(ckpt, dict) or "model_state_dict" not in ckpt or "kwargs" not in ckpt:
         raise NN4NCheckpointError("not an nn4n checkpoint: expected a dict with 'model_state_dict' and 'kwargs' "
@@ -132,6 +141,9 @@ def from_nn4n(path_or_checkpoint, *, trust_checkpoint: bool = False, cls=None, *
     missing = NN4N_KEYS - set(state)
     if missing:
         raise NN4NCheckpointError(f"the state dict lacks nn4n CTRNN keys {sorted(missing)}")
+    unexpected = set(state) - NN4N_KEYS
+    if unexpected:
+        raise NN4NCheckpointError(f"unexpected state-dict keys {sorted(unexpected)}")
     activation = kwargs.get("activation", "relu")
     if activation not in NN4N_ACTIVATIONS:
         raise NN4NCheckpointError(f"kwargs['activation'] must be one of {list(NN4N_ACTIVATIONS)}, got {activation!r}")
@@ -150,10 +162,4 @@ def from_nn4n(path_or_checkpoint, *, trust_checkpoint: bool = False, cls=None, *
         ei_masks=_masks(kwargs, "ei_masks", lambda m: torch.where(m > 0, 1.0, -1.0)),
         plasticity_masks=_plasticity(kwargs, shapes), init_state=init_state,
     )
-    options.update(overrides)
-    model = cls(dims, **options)
-    result = model.load_state_dict({k: v for k, v in state.items() if k in NN4N_KEYS}, strict=False)
-    unexpected = set(state) - NN4N_KEYS
-    if result.unexpected_keys or unexpected:
-        raise NN4NCheckpointError(f"unexpected state-dict keys {sorted(set(result.unexpected_keys) | unexpected)}")
-    return model
+    return dims, options, state
