@@ -209,3 +209,12 @@ def test_mse_at_ten_million_elements_within_1e5(kind):
         mse = loss(pred, label)[1][0].item()
     ref = ((pred.double() - label.double()) ** 2).mean().item()
     assert mse == pytest.approx(ref, rel=1e-5, abs=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_one_dimensional_states_are_one_sample(dtype):
+    model = make_model((2, 3, 2), dtype=dtype)
+    loss = RNNLoss(model, **ALL_ON)
+    pred, label, states = make_inputs(model, 1, 1)
+    torch.testing.assert_close(loss(pred, label, states.reshape(3))[1], loss(pred, label, states)[1],
+                               rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=0)

@@ -128,3 +128,14 @@ def test_gradient_penalty_on_the_masked_loss_matches_the_formulas():
                                                          mask=mask).sum()), inputs)
     for a, r in zip(got, ref):
         torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-14)
+
+
+def test_forward_mode_hessian_equals_autograd_of_the_formulas():
+    # torch.func.hessian is forward-over-reverse: the rate sums' jvp and its differentiable backward.
+    from torch.func import hessian
+    loss, pred, label, states, weights = _setup(tuple(range(7)))
+    lambdas = torch.tensor(list(ALL_ON.values()), dtype=torch.float64)
+    got = hessian(lambda s: loss(pred, label, s)[0])(states)
+    ref = torch.autograd.functional.hessian(
+        lambda s: formula_components(pred, label, s, *weights, lambdas).sum(), states)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-14)

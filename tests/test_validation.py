@@ -166,19 +166,26 @@ def test_bad_value_written_into_lambdas_makes_forward_raise(case, scripted, tmp_
     loss(pred, label, states)
 
 
-def test_lambdas_are_read_back_only_after_a_write(monkeypatch):
-    # On CUDA a read-back is a host-device synchronisation: forward must not do one per call.
+def test_lambdas_are_read_back_only_after_a_write_where_that_costs_a_synchronisation(monkeypatch):
+    # On CUDA a read-back is a host-device synchronisation: forward must not do one per call. The
+    # CPU checks every call (free there); pretend it is not free to exercise the CUDA logic here.
+    import rnnloss.loss
     model, pred, label, states = _inputs()
     loss = RNNLoss(model, **ALL_ON)
     reads = []
     original = torch.Tensor.tolist
     monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t.shape) or original(t))
+    loss(pred, label, states)
+    loss(pred, label, states)
+    assert reads.count(torch.Size([7])) == 2  # the CPU: every call
+    reads.clear()
+    monkeypatch.setattr(rnnloss.loss, "_readback_is_free", lambda t: False)
     for _ in range(3):
         loss(pred, label, states)
     loss.set_lambda("fr", 0.2)
     loss(pred, label, states)
     loss(pred, label, states)
-    assert reads.count(torch.Size([7])) == 2
+    assert reads.count(torch.Size([7])) == 1  # only after the write
 
 
 def test_state_dict_with_a_nonzero_lambda_for_an_inactive_component_is_refused(model):
@@ -194,3 +201,29 @@ def test_state_dict_with_a_nonzero_lambda_for_an_inactive_component_is_refused(m
 def test_lambdas_stay_float64_and_exact_under_dtype_conversion(model, convert):
     loss = getattr(RNNLoss(model, lambda_fr=0.01), convert)()
     assert loss.lambdas.dtype == torch.float64 and loss.lambdas[4].item() == 0.01
+
+
+def test_writes_that_bypass_the_version_counter_are_caught_on_the_cpu():
+    # On the CPU the buffer is checked in every call (no synchronisation to save there).
+    model, pred, label, states = _inputs()
+    loss = RNNLoss(model, **ALL_ON)
+    loss(pred, label, states)
+    loss.lambdas.data[4] = -1.0
+    with pytest.raises(ValueError, match=r"lambdas\[4\] \('fr'\) must be finite and >= 0"):
+        loss(pred, label, states)
+    loss.lambdas.data[4] = 0.1
+    loss.lambdas.numpy()[5] = math.nan
+    with pytest.raises(ValueError, match=r"lambdas\[5\] \('fr_sd'\) must be finite and >= 0; it was set to NaN"):
+        loss(pred, label, states)
+
+
+def test_a_replaced_float32_buffer_is_refused_and_a_float32_state_dict_loads_as_float64(model):
+    loss = RNNLoss(model, lambda_fr=0.01)
+    pred = torch.zeros(2, 2, 2)
+    states = torch.rand(2, 2, model.n_hid)
+    loss.lambdas = torch.tensor([1.0, 0, 0, 0, 0.01, 0, 0])  # float32 by default
+    with pytest.raises(ValueError, match=r"lambdas must be a float64 tensor of shape \[7\], got dtype torch.float32"):
+        loss(pred, pred, states)
+    loss = RNNLoss(model, lambda_fr=0.01)
+    loss.load_state_dict({k: (v.float() if k == "lambdas" else v) for k, v in loss.state_dict().items()}, assign=True)
+    assert loss.lambdas.dtype == torch.float64

@@ -100,7 +100,7 @@ def _neuron_sums_f64(states: Tensor) -> Tensor:
     acc = accumulation_dtype(states)
     n_hid = states.size(-1)
     if states.dim() == 1:
-        return states.to(torch.float64)
+        return states.to(torch.float64, copy=True)  # a fresh tensor even for float64 rates
     part = states
     if states.dim() > 2:
         part = states.sum(dim=list(range(1, states.dim() - 1)), dtype=acc)
@@ -169,7 +169,19 @@ class _RateSums(torch.autograd.Function):
     def setup_context(ctx, inputs, output) -> None:
         states, need_sq, need_col = inputs
         ctx.save_for_backward(states)
+        ctx.save_for_forward(states)
         ctx.need = (need_sq, need_col)
+
+    @staticmethod
+    def jvp(ctx, states_t: Tensor, _sq: None, _col: None):  # type: ignore[override]
+        r"""Forward mode (``torch.func.jvp``, ``jacfwd``, ``hessian``): tangents of the two sums,
+        :math:`2\sum r\,\dot r` and the per-neuron sums of :math:`\dot r`."""
+        (states,) = ctx.saved_tensors
+        need_sq, need_col = ctx.need
+        zero = torch.zeros((), dtype=torch.float64, device=states.device)
+        t_sq = 2.0 * (states.to(torch.float64) * states_t.to(torch.float64)).sum() if need_sq else zero
+        t_col = _neuron_sums_f64(states_t) if need_col else zero
+        return t_sq, t_col
 
     @staticmethod
     def backward(ctx, g_sq: Tensor, g_col: Tensor):  # type: ignore[override]
@@ -265,9 +277,11 @@ class RNNLoss(nn.Module):
     λ values live in the float64 buffer ``lambdas`` (shape [7]): it moves with ``.to(device)``,
     keeps float64 under ``.float()``/``.half()`` (so float64 inputs get λ exactly), is saved in
     ``state_dict`` and can be changed at run time to anneal an active component. ``forward``
-    re-validates the buffer after every write to it (tracked by the tensor's version counter, so
-    a CUDA buffer is read back only after a write, never on every call): a negative, NaN or
-    infinite λ, or a non-zero λ for an inactive component, raises ValueError. Loading a
+    validates the buffer — on the CPU in every call; on CUDA after each write to it, seen through
+    the tensor's version counter, so it is read back once per write, not once per call (a write
+    that bypasses the counter, through ``.data``, goes unseen there): a negative, NaN or infinite
+    λ, a non-zero λ for an inactive component, or a buffer that is not float64 [7] raises
+    ValueError. Loading a
     state_dict that gives an inactive component a non-zero λ raises too. Under ``torch.compile``
     and in exported graphs the buffer is not re-validated (a graph holds no data-dependent check).
 
@@ -357,7 +371,9 @@ class RNNLoss(nn.Module):
         return self
 
     def _check_lambdas(self) -> None:
-        """Validate ``lambdas`` if it was written since the last check (one read-back per write)."""
+        """Validate ``lambdas``: on every call on the CPU (7 numbers), on CUDA only when written since
+        the last check (its version counter or, in eager mode, its storage changed), since a
+        read-back there is a host–device synchronisation."""
         ptr = 0  # TorchScript has no data_ptr(); there the version alone tells a write
         if torch.jit.is_scripting():
             version = self.lambdas._version()
@@ -366,8 +382,11 @@ class RNNLoss(nn.Module):
                 return
             version = _eager_version(self.lambdas)
             ptr = self.lambdas.data_ptr()
-        if version == self._lambda_version and ptr == self._lambda_ptr:
+        if not _readback_is_free(self.lambdas) and version == self._lambda_version and ptr == self._lambda_ptr:
             return
+        if self.lambdas.dtype != torch.float64 or self.lambdas.dim() != 1 or self.lambdas.size(0) != 7:
+            raise ValueError("lambdas must be a float64 tensor of shape [7], got dtype {} and shape {}".format(
+                dtype_name(self.lambdas), shape_of(self.lambdas)))
         values: List[float] = self.lambdas.tolist()
         for i in range(len(values)):
             value = values[i]
@@ -536,6 +555,11 @@ class RNNLoss(nn.Module):
         return components.sum(), components
 
 
+def _readback_is_free(t: Tensor) -> bool:
+    """Reading ``t`` back costs no host–device synchronisation (it lives on the CPU)."""
+    return not t.is_cuda
+
+
 @torch.jit.unused
 def _eager_version(t: Tensor) -> int:
     """The version counter of ``t`` (bumped by every in-place write); TorchScript spells it ``t._version()``."""
@@ -548,6 +572,8 @@ def _refuse_inactive_lambdas(module: "RNNLoss", state_dict, prefix, local_metada
     lambdas = state_dict.get(prefix + "lambdas")
     if lambdas is None:
         return
+    if torch.is_tensor(lambdas) and lambdas.is_floating_point():
+        state_dict[prefix + "lambdas"] = lambdas.to(torch.float64)  # the buffer stays float64 (assign=True too)
     for i, (name, value) in enumerate(zip(COMPONENT_NAMES, lambdas.tolist())):
         if value != 0.0 and not module._on[i]:
             raise ValueError(f"state_dict gives lambdas[{i}] ('{name}') = {value}, but component '{name}' is inactive "
