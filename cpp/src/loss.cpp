@@ -159,10 +159,14 @@ void RNNLossImpl::set_lambda(const std::string& name, double value) {
 }
 
 void RNNLossImpl::check_lambdas() {
-  // Read back only after a write (version counter) or a new buffer (to() replaces its data).
+  // On CUDA read back only after a write (version counter) or a new buffer (to() replaces its
+  // data): a read-back there is a host-device synchronisation. On the CPU, every call (as Python).
   auto version = static_cast<int64_t>(lambdas._version());
   const void* data = lambdas.data_ptr();
-  if (version == checked_version_ && data == checked_data_) return;
+  if (lambdas.is_cuda() && version == checked_version_ && data == checked_data_) return;
+  TORCH_CHECK_VALUE(lambdas.scalar_type() == torch::kFloat64 && lambdas.dim() == 1 && lambdas.size(0) == 7,
+                    "lambdas must be a float64 tensor of shape [7], got dtype ", detail::dtype_name(lambdas),
+                    " and shape ", detail::shape_of(lambdas));
   auto values = lambdas.to(torch::kCPU, torch::kFloat64).contiguous();
   const double* v = values.data_ptr<double>();
   for (size_t i = 0; i < 7; ++i) {
