@@ -2,6 +2,7 @@
 #include <rnnloss/rnnloss.h>
 
 #include "cli.h"
+#include "native_format.h"
 
 #include <torch/script.h>
 #include <torch/torch.h>
@@ -46,9 +47,9 @@ const char* const kInputsExpected =
 std::string read_inputs(const std::string& path, std::map<std::string, torch::Tensor>& out) {
   c10::IValue value;
   try {
-    value = torch::pickle_load(read_file(path));
-  } catch (const c10::Error& e) {
-    return std::string(kInputsExpected) + "; " + path + " is not a torch.save file";
+    value = rnnloss::detail::unpickle(read_file(path), path);
+  } catch (const c10::ValueError& e) {
+    return std::string(kInputsExpected) + "; " + e.what_without_backtrace();
   }
   if (!value.isGenericDict()) return std::string(kInputsExpected) + "; got a " + value.tagKind();
   for (const auto& item : value.toGenericDict()) {
@@ -96,8 +97,13 @@ int main(int argc, char** argv) {
     std::map<std::string, torch::Tensor> in;
     std::string problem = read_inputs(inputs_path, in);
     if (!problem.empty()) return fail(1, problem);
-    auto pred = in["pred"].detach().clone().requires_grad_(true);
-    auto states = in["states"].detach().clone().requires_grad_(true);
+    // Leaves for the gradients where they can be (a floating tensor): any other dtype goes to the
+    // loss as it is and is refused there with the loss's own message.
+    auto leaf = [](const torch::Tensor& t) {
+      auto copy = t.detach().clone();
+      return copy.is_floating_point() ? copy.requires_grad_(true) : copy;
+    };
+    auto pred = leaf(in["pred"]), states = leaf(in["states"]);
     auto label = in["label"];
     auto mask = in.count("mask") ? in["mask"] : torch::Tensor();
 

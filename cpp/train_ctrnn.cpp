@@ -13,9 +13,12 @@
 #include <torch/script.h>
 #include <torch/torch.h>
 
+#include <unistd.h>
+
 #include <algorithm>
+#include <charconv>
 #include <chrono>
-#include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <functional>
 #include <iomanip>
@@ -39,11 +42,15 @@ const char* const kUsage =
     "\n"
     "  --engine native       rnnloss::load(ARTIFACT_DIR): the C++ library, reads rnnloss_native.pt;\n"
     "                        FILE holds the loss's state_dict as (name, tensor) pairs (default\n"
-    "                        ARTIFACT_DIR/ctrnn_trained_native.pt); in Python:\n"
+    "                        ./ctrnn_trained_native.pt); in Python:\n"
     "                        loss.load_state_dict(dict(torch.load(FILE, weights_only=True)))\n"
     "  --engine torchscript  ARTIFACT_DIR/ctrnn_train.pt through TorchScript;\n"
-    "                        FILE is a TorchScript module (default ARTIFACT_DIR/ctrnn_trained.pt)\n"
+    "                        FILE is a TorchScript module (default ./ctrnn_trained.pt)\n"
     "  defaults: --engine native --steps 300 --device cpu --seed 0 --time 50 --batch 32\n"
+    "  N, K, T, B and S are decimal integers in the 64-bit range (no sign for N, K, T, B); FILE's\n"
+    "  folder must exist and be writable (checked before training). FILE is not written into\n"
+    "  ARTIFACT_DIR by default: a file the export did not write there makes a later\n"
+    "  `rnnloss-export --force` refuse to replace that folder.\n"
     "\n"
     "Exit status: 0 the final MSE is at most half the initial one; 1 it is not, or training failed;\n"
     "2 bad arguments. Every non-zero exit prints one line saying why.\n";
@@ -161,12 +168,32 @@ Engine torchscript_engine(const std::string& dir, torch::Device device) {
 
 int fail(int status, const std::string& why) { return cli::fail("train_ctrnn", status, why); }
 
+// The whole of `text` as a decimal int64 (an optional '-', then digits: no spaces, no '+', no
+// base prefix); false if it is anything else or out of the 64-bit range.
 bool parse_int(const std::string& text, int64_t& out) {
-  char* end = nullptr;
-  long long value = std::strtoll(text.c_str(), &end, 10);
-  if (text.empty() || *end != '\0') return false;
+  int64_t value = 0;
+  const char* end = text.data() + text.size();
+  auto [ptr, ec] = std::from_chars(text.data(), end, value, 10);
+  if (ec != std::errc() || ptr != end) return false;
   out = value;
   return true;
+}
+
+// Why FILE cannot be written, or "" if it looks writable: its folder must exist, be a folder and
+// be writable, and FILE must not be a folder (or, if it exists, must be writable).
+std::string out_problem(const std::string& path) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  fs::path file(path);
+  if (fs::is_directory(file, ec)) return "is a folder";
+  fs::path folder = file.parent_path().empty() ? fs::path(".") : file.parent_path();
+  auto status = fs::status(folder, ec);
+  if (ec && ec != std::errc::no_such_file_or_directory) return "folder " + folder.string() + ": " + ec.message();
+  if (!fs::exists(status)) return "folder " + folder.string() + " does not exist";
+  if (!fs::is_directory(status)) return folder.string() + " is not a folder";
+  if (::access(folder.c_str(), W_OK) != 0) return "folder " + folder.string() + " is not writable";
+  if (fs::exists(file, ec) && ::access(file.c_str(), W_OK) != 0) return "the file exists and is not writable";
+  return "";
 }
 
 }  // namespace
@@ -195,19 +222,21 @@ int main(int argc, char** argv) {
     else if (arg == "--batch") ok = parse_int(val, batch) && batch > 0;
     else if (arg == "--device") ok = (device_name = val) == "cpu" || val == "cuda";
     else if (arg == "--engine") ok = (engine_name = val) == "native" || val == "torchscript";
-    else if (arg == "--out") out_path = val;
+    else if (arg == "--out") ok = !(out_path = val).empty();
     else return fail(2, "unknown argument " + arg + " (see --help)");
     if (!ok) {
       const char* expected = arg == "--device" ? "cpu or cuda"
                              : arg == "--engine" ? "native or torchscript"
                              : arg == "--time"   ? "an integer >= 5"
                              : arg == "--seed"   ? "an integer"
+                             : arg == "--out"    ? "a file path"
                                                  : "an integer > 0";
       return fail(2, arg + " must be " + expected + ", got '" + val + "'");
     }
   }
   const bool native = engine_name == "native";
-  if (out_path.empty()) out_path = dir + (native ? "/ctrnn_trained_native.pt" : "/ctrnn_trained.pt");
+  if (out_path.empty()) out_path = native ? "./ctrnn_trained_native.pt" : "./ctrnn_trained.pt";
+  if (auto problem = out_problem(out_path); !problem.empty()) return fail(2, "--out " + out_path + ": " + problem);
   try {
     torch::Device device(device_name == "cuda" ? torch::kCUDA : torch::kCPU);
     if (device.is_cuda() && !torch::cuda::is_available()) return fail(2, "--device cuda: no CUDA GPU available");

@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -464,6 +465,86 @@ def test_eval_loss_refuses_inputs_that_are_not_a_dict_of_the_three_tensors(progr
 
 
 @pytest.mark.parametrize("engine", ["native", "torchscript"])
+@pytest.mark.parametrize("key", ["pred", "label", "states"])
+def test_eval_loss_reports_the_loss_message_for_an_integer_input(programs, artifacts, tmp_path, engine, key):
+    # Not torch's "Only Tensors of floating point ... can require gradients" from making a leaf of it.
+    folder, loss = artifacts
+    inputs = dict(zip(("pred", "label", "states"), export.sample_inputs(loss, 3, 2, seed=1)))
+    inputs[key] = inputs[key].long()
+    torch.save(inputs, tmp_path / "in.pt")
+    result = subprocess.run([str(programs["eval_loss"]), str(folder), str(tmp_path / "in.pt"),
+                             str(tmp_path / "out.pt"), "--engine", engine], capture_output=True, text=True)
+    assert result.returncode == 1 and len(result.stderr.splitlines()) == 1, result.stderr
+    assert f"{key} must be a floating-point tensor (float16, bfloat16, float32 or float64), got dtype torch.int64" \
+        in result.stderr
+
+
+@pytest.mark.parametrize("write, problem", [
+    (lambda i, path: torch.save(i, path, _use_new_zipfile_serialization=False),
+     "is in torch.save's legacy format (_use_new_zipfile_serialization=False)"),
+    (lambda i, path: torch.save(dict(i, pred=i["pred"].to_sparse()), path), "holds a sparse tensor"),
+    (lambda i, path: path.write_bytes(b"pred,label,states\n"), "is not a torch.save file (not a zip archive)"),
+], ids=["legacy", "sparse", "text"])
+def test_eval_loss_says_why_it_cannot_read_inputs(programs, artifacts, tmp_path, write, problem):
+    folder, loss = artifacts
+    write(dict(zip(("pred", "label", "states"), export.sample_inputs(loss, 3, 2, seed=1))), tmp_path / "in.pt")
+    result = subprocess.run([str(programs["eval_loss"]), str(folder), str(tmp_path / "in.pt"),
+                             str(tmp_path / "out.pt")], capture_output=True, text=True)
+    assert result.returncode == 1 and len(result.stderr.splitlines()) == 1, result.stderr
+    assert f"cannot read {tmp_path / 'in.pt'}: it {problem}" in result.stderr
+
+
+@pytest.mark.parametrize("change, problem", [
+    (lambda p: p["loss"].update(component_names=["mse", "in", "hid", "out", "rate", "fr_sd", "fr_cv"]),
+     "'loss.component_names' is ['mse', 'in', 'hid', 'out', 'rate', 'fr_sd', 'fr_cv'], this library's are "
+     "['mse', 'in', 'hid', 'out', 'fr', 'fr_sd', 'fr_cv']: it was written by another version of rnnloss"),
+    (lambda p: p["loss"]["lambdas"].__setitem__(4, 0.3),
+     "gives lambdas[4] ('fr') = 0.3, but component 'fr' is inactive"),
+    (lambda p: p["loss"]["lambdas"].__setitem__(0, -1.0),
+     "gives lambdas[0] ('mse') = -1.0; a lambda must be finite, >= 0 and at most float32's largest value"),
+    (lambda p: p.update(version="1"), "has format version '1' (a string); this library reads version 1"),
+    (lambda p: p.update(version=2), "has format version 2; this library reads version 1"),
+    (lambda p: p["state_dict"].update({"readout_layer.weight": torch.zeros(2, 8, dtype=torch.int64)}),
+     "'state_dict.readout_layer.weight' must be a floating-point tensor, got dtype torch.int64"),
+    # Checked against the weights before a model of that size is allocated.
+    (lambda p: p["model"].update(dims=[3, 2**62, 2]),
+     "'model.dims' is [3, 4611686018427387904, 2] but 'state_dict.recurrent_layer.input_layer.weight' has shape "
+     "[8, 3]"),
+    # Python pickles 10**12 in 6 bytes; libtorch's unpickler reads only 8-byte ints and fails first.
+    (lambda p: p["model"].update(dims=[3, 10**12, 2]), "it holds an integer of magnitude 2^31 or more that "
+     "libtorch's unpickler cannot read (Expected length to be 8, got 6)"),
+], ids=["component_names", "inactive_lambda", "negative_lambda", "version_str", "version_2", "int_tensor",
+        "absurd_dims", "unpicklable_dims"])
+def test_load_refuses_an_inconsistent_native_artifact(programs, tmp_path, change, problem):
+    loss = make_loss(lambdas=dict(lambda_mse=1.0, lambda_in=0.1))  # dims (3, 8, 2); 'fr' inactive
+    payload = native_payload(loss)
+    change(payload)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    torch.save(payload, bad / NATIVE)
+    torch.save(dict(zip(("pred", "label", "states"), export.sample_inputs(loss, 3, 2, seed=1))), tmp_path / "in.pt")
+    result = subprocess.run([str(programs["eval_loss"]), str(bad), str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stderr.startswith(f"eval_loss: rnnloss::load: {bad / NATIVE}") or \
+        result.stderr.startswith(f"eval_loss: rnnloss::load: cannot read {bad / NATIVE}: ")
+    assert problem in result.stderr
+
+
+def test_load_wraps_the_unpicklers_message(programs, artifacts, tmp_path):
+    folder, loss = artifacts
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / NATIVE).write_bytes(b"not a zip")
+    torch.save(dict(zip(("pred", "label", "states"), export.sample_inputs(loss, 3, 2, seed=1))), tmp_path / "in.pt")
+    result = subprocess.run([str(programs["eval_loss"]), str(bad), str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
+                            capture_output=True, text=True)
+    assert result.returncode == 1 and len(result.stderr.splitlines()) == 1, result.stderr
+    assert f"rnnloss::load: cannot read {bad / NATIVE}: it is not a torch.save file (not a zip archive)" \
+        in result.stderr
+
+
+@pytest.mark.parametrize("engine", ["native", "torchscript"])
 def test_train_ctrnn_halves_the_mse_anneals_and_keeps_the_masks(programs, tmp_path, engine):
     torch.manual_seed(0)
     n_hid = 32
@@ -520,12 +601,55 @@ def test_train_ctrnn_says_why_when_the_mse_did_not_halve(programs, artifacts, tm
     (["{tmp}", "--speed", "1"], 2, "unknown argument --speed"),
     (["{tmp}"], 1, "rnnloss_native.pt"),
     (["{tmp}", "--engine", "torchscript"], 1, "ctrnn_train.pt"),
-], ids=["none", "device", "engine", "steps", "no_value", "unknown", "no_native", "no_torchscript"])
+    # Beyond int64: strtoll saturated at 2^63 - 1 and the run went on (practically forever).
+    (["{tmp}", "--steps", "99999999999999999999999"], 2, "--steps must be an integer > 0, got '9999"),
+    (["{tmp}", "--seed", "-99999999999999999999999"], 2, "--seed must be an integer, got '-9999"),
+    (["{tmp}", "--time", "99999999999999999999999"], 2, "--time must be an integer >= 5, got '9999"),
+    (["{tmp}", "--batch", " 4"], 2, "--batch must be an integer > 0, got ' 4'"),  # strtoll skipped spaces
+    (["{tmp}", "--log-every", "+5"], 2, "--log-every must be an integer > 0, got '+5'"),
+    (["{tmp}", "--steps", "0"], 2, "--steps must be an integer > 0, got '0'"),
+    # --out is checked before anything is loaded or trained, not when the model is saved.
+    (["{tmp}", "--out", "{tmp}/missing/trained.pt"], 2, "--out {tmp}/missing/trained.pt: folder {tmp}/missing does not exist"),
+    (["{tmp}", "--out", "{tmp}"], 2, "--out {tmp}: is a folder"),
+], ids=["none", "device", "engine", "steps", "no_value", "unknown", "no_native", "no_torchscript", "steps_overflow",
+        "seed_overflow", "time_overflow", "batch_space", "log_every_plus", "steps_zero", "out_no_folder",
+        "out_is_folder"])
 def test_train_ctrnn_rejects_bad_arguments_in_one_line(programs, tmp_path, args, status, why):
     result = subprocess.run([str(programs["train_ctrnn"])] + [a.format(tmp=tmp_path) for a in args],
                             capture_output=True, text=True)
     assert result.returncode == status and len(result.stderr.splitlines()) == 1, result.stderr
-    assert why in result.stderr
+    assert why.format(tmp=tmp_path) in result.stderr
+
+
+def test_train_ctrnn_refuses_an_unwritable_out_folder_before_training(programs, artifacts, tmp_path):
+    folder, _ = artifacts
+    base = Path(tempfile.mkdtemp())  # pytest's tmp_path is private to its user; this one is not
+    base.chmod(0o755)
+    locked = base / "locked"
+    locked.mkdir(mode=0o555)
+    as_user = []
+    if os.geteuid() == 0:  # root writes anywhere: run as nobody
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv: root may write into a read-only folder")
+        as_user = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    result = subprocess.run(as_user + [str(programs["train_ctrnn"]), str(folder), "--steps", "1", "--out",
+                                       str(locked / "t.pt")], capture_output=True, text=True)
+    assert result.returncode == 2 and result.stdout == "", result.stdout  # nothing trained
+    shutil.rmtree(base)
+    assert result.stderr == f"train_ctrnn: --out {locked / 't.pt'}: folder {locked} is not writable\n"
+
+
+@pytest.mark.parametrize("engine, name", [("native", "ctrnn_trained_native.pt"), ("torchscript", "ctrnn_trained.pt")])
+def test_train_ctrnn_writes_into_the_current_folder_by_default_not_the_export(programs, artifacts, tmp_path, engine,
+                                                                             name):
+    # A file of ours in the export folder would make the next `rnnloss-export --force` refuse it.
+    folder, _ = artifacts
+    before = sorted(p.name for p in folder.iterdir())
+    result = subprocess.run([str(programs["train_ctrnn"]), str(folder), "--engine", engine, "--steps", "1"],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 1 and "did not halve" in result.stderr  # one step: it saves, then says so
+    assert f"saved ./{name}" in result.stdout and (tmp_path / name).is_file()
+    assert sorted(p.name for p in folder.iterdir()) == before
 
 
 @pytest.mark.parametrize("program", ["train_ctrnn", "eval_loss"])

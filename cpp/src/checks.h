@@ -9,6 +9,9 @@
 namespace rnnloss {
 namespace detail {
 
+/// The largest float32 (3.4028234663852886e38): every lambda must be at most this.
+inline constexpr double kFloat32Max = 3.4028234663852886e38;
+
 /// `torch.float32` etc., as Python prints a dtype.
 std::string dtype_name(const torch::Tensor& t);
 /// `[2, 3]`, as Python prints list(t.shape).

@@ -1,11 +1,14 @@
 #include <rnnloss/load.h>
 
+#include "checks.h"
 #include "native_format.h"
 
 #include <c10/util/Exception.h>
 #include <torch/serialize.h>
 #include <torch/torch.h>
 
+#include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
@@ -13,6 +16,13 @@
 #include <vector>
 
 namespace rnnloss {
+
+using detail::dtype_name;
+using detail::int_list;
+using detail::kFloat32Max;
+using detail::py_float;
+using detail::py_str_list;
+using detail::shape_of;
 
 namespace {
 
@@ -73,15 +83,61 @@ Exported load(const std::string& path) {
   auto bytes = read_bytes(file.string());
   c10::IValue root;
   try {
-    root = torch::pickle_load(bytes);
-  } catch (const c10::Error& e) {
-    TORCH_CHECK_VALUE(false, "rnnloss::load: ", file.string(), " is not a torch.save file: ",
-                      e.what_without_backtrace());
+    root = detail::unpickle(bytes, file.string());
+  } catch (const c10::ValueError& e) {
+    TORCH_CHECK_VALUE(false, "rnnloss::load: ", e.what_without_backtrace());
   }
   return detail::from_native_dict(root, file.string());
 }
 
 namespace detail {
+
+c10::IValue unpickle(const std::vector<char>& bytes, const std::string& file) {
+  auto starts_with = [&](const char* prefix, size_t n) {
+    return bytes.size() >= n && std::memcmp(bytes.data(), prefix, n) == 0;
+  };
+  // torch.save(..., _use_new_zipfile_serialization=False) begins with its magic number
+  // 0x1950a86a20f9469cfc6c pickled (protocol 2, LONG1 of 10 little-endian bytes).
+  static const char kLegacy[] = "\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19";
+  TORCH_CHECK_VALUE(!starts_with(kLegacy, sizeof(kLegacy) - 1), "cannot read ", file,
+                    ": it is in torch.save's legacy format (_use_new_zipfile_serialization=False); write it with "
+                    "torch.save's default format");
+  TORCH_CHECK_VALUE(!starts_with("\x80", 1), "cannot read ", file,
+                    ": it is a bare pickle stream, not torch.save's format (a zip archive)");
+  TORCH_CHECK_VALUE(starts_with("PK\x03\x04", 4), "cannot read ", file,
+                    ": it is not a torch.save file (not a zip archive)");
+  try {
+    return torch::pickle_load(bytes);
+  } catch (const c10::Error& e) {
+    std::string reason = e.what_without_backtrace();
+    reason = reason.substr(0, reason.find('\n'));
+    if (auto dot = reason.find(". "); dot != std::string::npos) reason = reason.substr(0, dot + 1);
+    TORCH_CHECK_VALUE(reason.find("_get_layout") == std::string::npos && reason.find("sparse") == std::string::npos,
+                      "cannot read ", file, ": it holds a sparse tensor; libtorch's reader loads dense tensors only "
+                      "(save t.to_dense())");
+    // Python pickles an int of 2^31 or more in magnitude in as few bytes as it needs; libtorch's
+    // unpickler reads only 8-byte ones (an int that size is no sane dimension or setting).
+    TORCH_CHECK_VALUE(reason.rfind("Expected length to be 8", 0) != 0, "cannot read ", file,
+                      ": it holds an integer of magnitude 2^31 or more that libtorch's unpickler cannot read (",
+                      reason, ")");
+    TORCH_CHECK_VALUE(false, "cannot read ", file, ": ", reason);
+  }
+}
+
+namespace {
+
+// An IValue as Python would print it in a message, with its type when that is not int: 2,
+// '1' (a string), 1.0 (a float).
+std::string describe(const c10::IValue& v) {
+  if (v.isInt()) return std::to_string(v.toInt());
+  if (v.isString()) return "'" + v.toStringRef() + "' (a string)";
+  if (v.isDouble()) return py_float(v.toDouble()) + " (a float)";
+  if (v.isBool()) return std::string(v.toBool() ? "True" : "False") + " (a bool)";
+  if (v.isNone()) return "None";
+  return std::string("a ") + v.tagKind();
+}
+
+}  // namespace
 
 Exported from_native_dict(const c10::IValue& root, const std::string& where) {
   Reader r{where};
@@ -92,13 +148,34 @@ Exported from_native_dict(const c10::IValue& root, const std::string& where) {
                     " is not an rnnloss native export (its 'format' is not '", kFormat, "')");
   auto version = r.get(top, "version", "");
   TORCH_CHECK_VALUE(version.isInt() && version.toInt() == kVersion, "rnnloss::load: ", r.path, " has format version ",
-                    version, "; this library reads version ", kVersion);
+                    describe(version), "; this library reads version ", kVersion);
 
   auto m = r.dict(top, "model");
   const std::string at = "model.";
   auto dims = r.list(m, "dims", at, 3);
   for (const auto& d : dims) TORCH_CHECK_VALUE(d.isInt(), "rnnloss::load: ", r.path, ": 'model.dims' must hold ints");
-  CTRNNOptions options(dims[0].toInt(), dims[1].toInt(), dims[2].toInt());
+  auto state = r.dict(top, "state_dict");
+  auto tensor = [&](const std::string& key) {
+    auto v = r.get(state, key, "state_dict.");
+    TORCH_CHECK_VALUE(v.isTensor(), "rnnloss::load: ", r.path, ": 'state_dict.", key, "' must be a tensor");
+    const auto& t = v.toTensor();
+    TORCH_CHECK_VALUE(t.is_floating_point(), "rnnloss::load: ", r.path, ": 'state_dict.", key,
+                      "' must be a floating-point tensor, got dtype ", dtype_name(t));
+    return t;
+  };
+  // The dims must match the weights the file holds before anything of their size is allocated.
+  const int64_t n_in = dims[0].toInt(), n_hid = dims[1].toInt(), n_out = dims[2].toInt();
+  const std::pair<const char*, std::vector<int64_t>> weights[3] = {
+      {"recurrent_layer.input_layer.weight", {n_hid, n_in}},
+      {"recurrent_layer.hidden_layer.weight", {n_hid, n_hid}},
+      {"readout_layer.weight", {n_out, n_hid}}};
+  for (const auto& [key, shape] : weights) {
+    auto w = tensor(key);
+    TORCH_CHECK_VALUE(w.sizes() == c10::IntArrayRef(shape), "rnnloss::load: ", r.path, ": 'model.dims' is ",
+                      int_list({n_in, n_hid, n_out}), " but 'state_dict.", key, "' has shape ", shape_of(w),
+                      " (expected ", int_list(shape), ")");
+  }
+  CTRNNOptions options(n_in, n_hid, n_out);
   options.tau(r.number(m, "tau", at)).dt(r.number(m, "dt", at));
   options.activation(r.text(r.get(m, "activation", at), "model.activation"));
   options.preact_noise(r.number(m, "preact_noise", at)).postact_noise(r.number(m, "postact_noise", at));
@@ -114,12 +191,6 @@ Exported from_native_dict(const c10::IValue& root, const std::string& where) {
   }
   options.biases(biases).weights("zero");
 
-  auto state = r.dict(top, "state_dict");
-  auto tensor = [&](const std::string& key) {
-    auto v = r.get(state, key, "state_dict.");
-    TORCH_CHECK_VALUE(v.isTensor(), "rnnloss::load: ", r.path, ": 'state_dict.", key, "' must be a tensor");
-    return v.toTensor();
-  };
   // Masks: present ones are in the state_dict under the buffer names CTRNN gives them.
   std::vector<std::pair<std::string, std::string>> mask_kinds = {
       {"sparsity_masks", "sparsity_"}, {"ei_masks", "sign_"}, {"plasticity_masks", "plasticity_"}};
@@ -157,6 +228,14 @@ Exported from_native_dict(const c10::IValue& root, const std::string& where) {
   }
 
   auto l = r.dict(top, "loss");
+  const auto& library_names = component_names();
+  auto names = r.get(l, "component_names", "loss.");
+  std::vector<std::string> file_names;
+  TORCH_CHECK_VALUE(names.isList(), "rnnloss::load: ", r.path, ": 'loss.component_names' must be a list of strings");
+  for (const auto& n : names.toListRef()) file_names.push_back(r.text(n, "loss.component_names"));
+  TORCH_CHECK_VALUE(file_names == library_names, "rnnloss::load: ", r.path, ": 'loss.component_names' is ",
+                    py_str_list(file_names), ", this library's are ", py_str_list(library_names),
+                    ": it was written by another version of rnnloss");
   auto active = r.list(l, "active", "loss.", 7);
   auto lambda_values = r.list(l, "lambdas", "loss.", 7);
   std::vector<double> lambdas(7);
@@ -165,6 +244,14 @@ Exported from_native_dict(const c10::IValue& root, const std::string& where) {
     const auto& v = lambda_values[i];
     TORCH_CHECK_VALUE(v.isDouble() || v.isInt(), "rnnloss::load: ", r.path, ": 'loss.lambdas' must hold numbers");
     lambdas[i] = v.isDouble() ? v.toDouble() : static_cast<double>(v.toInt());
+    const auto& name = library_names[i];
+    std::string entry = "lambdas[" + std::to_string(i) + "] ('" + name + "') = " + py_float(lambdas[i]);
+    TORCH_CHECK_VALUE(lambdas[i] >= 0.0 && lambdas[i] <= kFloat32Max, "rnnloss::load: ", r.path, " gives ", entry,
+                      "; a lambda must be finite, >= 0 and at most float32's largest value");
+    TORCH_CHECK_VALUE(r.flag(active[i], "loss.active") || lambdas[i] == 0.0, "rnnloss::load: ", r.path, " gives ",
+                      entry, ", but component '", name,
+                      "' is inactive in it ('loss.active' is false there; a component inactive at construction "
+                      "keeps lambda 0): the file is inconsistent, export the loss again");
     // An active component annealed to 0 stays active: build it with a placeholder, then write λ.
     construct[i] = r.flag(active[i], "loss.active") ? (lambdas[i] > 0 ? lambdas[i] : 1.0) : 0.0;
   }

@@ -12,6 +12,7 @@
 namespace rnnloss {
 
 using detail::accumulation_dtype;
+using detail::kFloat32Max;
 using detail::py_float;
 using detail::shape_of;
 
@@ -96,9 +97,6 @@ std::pair<torch::Tensor, torch::Tensor> rate_sd_cv(const torch::Tensor& mean_rat
   cv = torch::where(flat, torch::zeros_like(var), cv);
   return {sd, cv};
 }
-
-// The largest λ accepted: every λ must be finite in float32.
-constexpr double kFloat32Max = 3.4028234663852886e38;
 
 void check_lambda_value(const std::string& name, double value) {
   TORCH_CHECK_VALUE(std::isfinite(value) && value >= 0, name, " must be finite and >= 0, got ", py_float(value));

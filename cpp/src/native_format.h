@@ -6,6 +6,7 @@
 #include <ATen/core/ivalue.h>
 
 #include <string>
+#include <vector>
 
 namespace rnnloss {
 namespace detail {
@@ -13,6 +14,11 @@ namespace detail {
 /// The model and loss described by `root` (the unpickled rnnloss_native.pt); `where` names the
 /// source in error messages.
 Exported from_native_dict(const c10::IValue& root, const std::string& where);
+
+/// The value torch.save wrote into `bytes` (read from `file`), via torch::pickle_load. Anything
+/// else raises c10::ValueError "cannot read FILE: it ..." saying what the file is instead: torch.save's
+/// legacy format, a bare pickle, not a zip archive, a sparse tensor, or the unpickler's reason.
+c10::IValue unpickle(const std::vector<char>& bytes, const std::string& file);
 
 }  // namespace detail
 }  // namespace rnnloss
