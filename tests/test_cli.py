@@ -336,8 +336,39 @@ def test_absurd_dims_are_refused_before_any_work(tmp_path, monkeypatch, capsys):
     # W_hid alone is 4e10 bytes at N_hid = 100000; no export of it fits a test machine.
     (tmp_path / "c.json").write_text(json.dumps({"model": {"dims": [3, 100000, 2]}}))
     status, _, err = run_main(["--config", "c.json", "--out", "out"], tmp_path, monkeypatch, capsys)
-    assert status == 2 and "model.dims [3, 100000, 2]: exporting needs about" in one_line(err)
+    assert status == 2 and "model.dims [3, 100000, 2] with example time 50 and batch 8: exporting needs about" \
+        in one_line(err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.json"]
+
+
+def test_a_huge_output_size_counts_in_the_memory_estimate(tmp_path, monkeypatch, capsys):
+    # N_out = 5e6: pred and label dominate (the estimate once counted the N_hid rates only).
+    (tmp_path / "c.json").write_text(json.dumps({"model": {"dims": [1, 1, 5000000]}}))
+    status, _, err = run_main(["--config", "c.json", "--out", "out"], tmp_path, monkeypatch, capsys)
+    assert status == 2 and "exporting needs about" in one_line(err)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\xff\xfe{}", "is not UTF-8 text"),
+    (b'{"seed": 1' + b"0" * 5000 + b"}", "Exceeds the limit"),
+    (b" " * (2 << 20), "longer than 1048576 characters"),
+], ids=["not_utf8", "5000_digit_integer", "two_MiB"])
+def test_unreadable_configs_exit_2_in_one_line(tmp_path, monkeypatch, capsys, content, message):
+    (tmp_path / "c.json").write_bytes(content)
+    status, _, err = run_main(["--config", "c.json", "--out", "out"], tmp_path, monkeypatch, capsys)
+    assert status == 2 and message in one_line(err)
+
+
+def test_a_forged_manifest_listing_a_user_file_does_not_let_force_replace_it(tmp_path, monkeypatch, capsys):
+    import hashlib
+    folder = tmp_path / "forged"
+    folder.mkdir()
+    (folder / "thesis.tex").write_text("my thesis")
+    digest = hashlib.sha256(b"my thesis").hexdigest()
+    (folder / "manifest.json").write_text(json.dumps({"component_names": [], "sha256": {"thesis.tex": digest}}))
+    status, _, err = run_main(["--out", "forged", "--force"], tmp_path, monkeypatch, capsys)
+    assert status == 2 and "thesis.tex" in one_line(err)
+    assert (folder / "thesis.tex").read_text() == "my thesis"
 
 
 def test_disk_estimate_is_checked_against_free_space(tmp_path, monkeypatch, capsys):

@@ -106,7 +106,8 @@ def test_parity_check_fails_when_the_artifact_differs_from_eager(artifacts):
     other = export.build(config)
     other.lambdas[4] = 0.5
     rows = parity.check_artifacts(artifacts, other, config, ["cpu"])
-    assert {r.artifact for r in rows if not r.passed} == {"rnn_loss.pt", "rnn_loss.pt2", "rnn_loss.onnx", "ctrnn_train.pt"}
+    assert {r.artifact for r in rows if not r.passed} == {"rnn_loss.pt", "rnn_loss.pt2", "rnn_loss.onnx", "ctrnn_train.pt",
+                                                          "rnnloss_native.pt"}
 
 
 def test_parity_shapes_differ_from_the_example_and_include_ones():
@@ -251,6 +252,22 @@ def test_verify_reruns_parity_so_a_changed_lambda_fails_even_with_a_matching_sum
     (folder / "manifest.json").write_text(json.dumps(manifest))
     status, out, _ = verify(folder, capsys)
     assert status == 1 and "FAILED rnn_loss.pt: parity check on torchscript cpu failed" in out
+
+
+def test_verify_reruns_parity_on_the_native_file_too(copy_of, capsys):
+    # The attack that once passed: a retouched rnnloss_native.pt (λ_mse 0, W_hid zeroed) with
+    # its sum rewritten in the manifest.
+    folder = copy_of()
+    path = folder / "rnnloss_native.pt"
+    payload = torch.load(path, weights_only=True)
+    payload["loss"]["lambdas"][0] = 0.0
+    payload["state_dict"]["recurrent_layer.hidden_layer.weight"].zero_()
+    torch.save(payload, path)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["sha256"]["rnnloss_native.pt"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    status, out, _ = verify(folder, capsys)
+    assert status == 1 and "FAILED rnnloss_native.pt: parity check" in out
 
 
 @pytest.mark.parametrize("case", ["missing", "file", "no_manifest", "bad_json"])

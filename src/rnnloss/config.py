@@ -150,19 +150,28 @@ def validate(raw: Any) -> Dict[str, Any]:
     return config
 
 
+MAX_CONFIG_CHARS = 1 << 20
+
+
 def load(path) -> Dict[str, Any]:
     """Read and validate a JSON config file; ``None`` gives the embedded default."""
     if path is None:
         return validate({})
     try:
         with open(path, encoding="utf-8") as f:
-            text = f.read()
+            text = f.read(MAX_CONFIG_CHARS + 1)  # a bounded read: --config /dev/zero must not fill memory
     except OSError as e:
         raise ConfigError("--config", f"cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError("--config", f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if len(text) > MAX_CONFIG_CHARS:
+        raise ConfigError("--config", f"{path} is longer than {MAX_CONFIG_CHARS} characters; a config is a few lines")
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as e:
         raise ConfigError("--config", f"{path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise ConfigError("--config", f"{path}: {e}") from None
     except RecursionError:
         raise ConfigError("--config", f"{path} is nested too deeply (a config has two levels)") from None
     return validate(raw)

@@ -190,12 +190,13 @@ def resource_estimate(config: Dict[str, Any]) -> Tuple[int, int]:
     """(memory, disk) in bytes that exporting ``config`` needs, generously rounded up.
 
     Weights: W_in, W_hid, W_out, the biases and the initial state in float32. Rates: the
-    largest parity input, (T + 7)·(B + 5)·N_hid float32 values (see parity.fresh_shapes).
+    largest parity input, (T + 7)·(B + 5) samples of x, states, pred, label and mask, that is
+    N_in + N_hid + 3·N_out float32 values each (see parity.fresh_shapes).
     """
     n_in, n_hid, n_out = config["model"]["dims"]
     weights = 4 * (n_hid * n_in + n_hid * n_hid + n_out * n_hid + 3 * n_hid + n_out)
     ex = config["example"]
-    rates = 4 * (ex["time"] + 7) * (ex["batch"] + 5) * n_hid
+    rates = 4 * (ex["time"] + 7) * (ex["batch"] + 5) * (n_in + n_hid + 3 * n_out)
     return (MEMORY_BASE + MEMORY_PER_WEIGHT_BYTE * weights + MEMORY_PER_RATE_BYTE * rates,
             DISK_PER_WEIGHT_BYTE * weights + 2 * rates + (1 << 20))
 
@@ -225,8 +226,10 @@ def check_resources(config: Dict[str, Any], folder: Path) -> None:
     dims = config["model"]["dims"]
     available = _available_memory()
     if available is not None and memory > available:
-        raise UserError(f"model.dims {dims}: exporting needs about {_size(memory)} of memory, "
-                        f"{_size(available)} is available; use a smaller N_hid or example size")
+        ex = config["example"]
+        raise UserError(f"model.dims {dims} with example time {ex['time']} and batch {ex['batch']}: exporting "
+                        f"needs about {_size(memory)} of memory, {_size(available)} is available; use smaller "
+                        f"dims or example sizes")
     free = shutil.disk_usage(folder).free
     if disk > free:
         raise UserError(f"not enough disk space: the artifacts of model.dims {dims} need about {_size(disk)}, "
@@ -397,7 +400,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     "permissions), printed as one line.")
     parser.add_argument("--config", help="JSON config (keys and ranges: see the README); the embedded default "
                                          "when absent")
-    parser.add_argument("--out", default="artifacts", help="output folder (default: artifacts)")
+    parser.add_argument("--out", help="output folder (default: artifacts)")
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto",
                         help="where parity runs besides the CPU: cuda (required), auto (if present), cpu (only)")
     parser.add_argument("--force", action="store_true",
@@ -410,8 +413,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="check an export folder instead of exporting: sha256 of every artifact against its "
                              "manifest, load each, rerun parity (exit 0 all hold, 1 not, 2 DIR unusable)")
     args = parser.parse_args(argv)
-    if args.verify is not None and (args.config or args.force or args.keep_rejected):
-        parser.error("--verify DIR takes no --config, --force or --keep-rejected")
+    if args.verify is not None and (args.config or args.out or args.force or args.keep_rejected):
+        parser.error("--verify DIR takes no --config, --out, --force or --keep-rejected")
+    if args.out is None:
+        args.out = "artifacts"
     prog = parser.prog
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     try:

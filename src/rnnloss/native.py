@@ -34,14 +34,16 @@ accept it::
     }
 
 The model's dtype is that of its tensors. Noise settings are kept; the C++ model draws its own
-noise in training mode.
+noise in training mode. :func:`load_native` reads the file back into an eager loss (the export's
+parity check and ``--verify`` do, so the file is checked like the graphs).
 """
 from pathlib import Path
 from typing import Any, Dict, Union
 
 import torch
 
-from .loss import COMPONENT_NAMES, RNNLoss
+from .loss import COMPONENT_NAMES, LAMBDA_NAMES, RNNLoss
+from .model import CTRNN
 
 NATIVE = "rnnloss_native.pt"
 FORMAT = "rnnloss.native"
@@ -94,3 +96,36 @@ def save_native(loss: RNNLoss, path: Union[str, Path]) -> None:
     if loss.sync_stats:
         raise ValueError("save_native: the native C++ loss has no sync_stats; build the loss with sync_stats=False")
     torch.save(native_payload(loss), str(path))
+
+
+_BIAS_SPEC = {"trained": True, "fixed": None, "absent": False}  # CTRNN's ``biases`` per kind
+
+
+def load_native(path: Union[str, Path]) -> RNNLoss:
+    """An eager :class:`RNNLoss` (its model as ``.model``, in eval mode) from a file written by
+    :func:`save_native`, read with ``torch.load(weights_only=True)``; the state loads strictly.
+
+    Raises ValueError naming what is wrong when the file is not this format.
+    """
+    payload = torch.load(str(path), map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"{path} is not an {FORMAT} file")
+    if payload.get("version") != VERSION:
+        raise ValueError(f"{path} has format version {payload.get('version')!r}; this package reads version {VERSION}")
+    m, spec, state = payload["model"], payload["loss"], payload["state_dict"]
+    if list(spec["component_names"]) != list(COMPONENT_NAMES):
+        raise ValueError(f"{path} names the components {spec['component_names']}, not {list(COMPONENT_NAMES)}")
+    masks = {kind: [state.get(f"{prefix}_{layer}") if m[kind][k] else None for k, layer in enumerate(_LAYERS)]
+             for kind, prefix in (("sparsity_masks", "sparsity"), ("ei_masks", "sign"),
+                                  ("plasticity_masks", "plasticity"))}
+    model = CTRNN(tuple(m["dims"]), tau=m["tau"], dt=m["dt"], activation=m["activation"],
+                  preact_noise=m["preact_noise"], postact_noise=m["postact_noise"],
+                  biases=[_BIAS_SPEC[kind] for kind in m["biases"]], batch_first=m["batch_first"],
+                  learn_alpha=m["learn_alpha"], init_state=m["init_state"], **masks)
+    model = model.to(next(iter(state.values())).dtype) if state else model
+    model.load_state_dict(state, strict=True)
+    # λ = 1 for every active component first: one annealed to 0 before the export stays active.
+    loss = RNNLoss(model, **{name: (1.0 if on else 0.0) for name, on in zip(LAMBDA_NAMES, spec["active"])})
+    with torch.no_grad():
+        loss.lambdas.copy_(torch.tensor(spec["lambdas"], dtype=torch.float64))
+    return loss.eval()

@@ -40,6 +40,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .artifacts import LOSS_ONNX, LOSS_PT, LOSS_PT2, OUTPUT_NAMES, TRAIN_PT, input_names, sample_inputs
+from .native import NATIVE, load_native
 from .trainer import CTRNNTrainer
 
 UNIT_ROUNDOFF = 2.0 ** -24
@@ -275,9 +276,15 @@ def check_artifacts(folder: Path, eager_cpu, config: Dict[str, Any], devices: Se
             module = program.module()
             _compare_loss(row, eager, module, trainable(module), shapes, device, eager_cpu, mask)
 
+        def native_file(row, eager=eager, device=device):
+            # The native C++ library's file, read back by Python (the C++ side is tests/test_cpp.py).
+            native = _moved(load_native(folder / NATIVE), device)
+            _compare_loss(row, eager, native, trainable(native), shapes, device, eager_cpu, mask)
+
         _check(rows, Row(LOSS_PT, "torchscript", device), torchscript_loss)
         _check(rows, Row(TRAIN_PT, "torchscript", device), torchscript_train)
         _check(rows, Row(LOSS_PT2, "torch.export", device), exported_program)
+        _check(rows, Row(NATIVE, "eager from the file", device), native_file)
         if device != "cpu":
             def cross_device(row, eager=eager, device=device):
                 for i, (t, b) in enumerate(shapes):
