@@ -143,8 +143,10 @@ def _exported_rate_sums(states: Tensor, need_sq: bool, need_col: bool) -> Tuple[
 class _RateSums(torch.autograd.Function):
     r"""Eager fast path: (Σr², per-neuron sums) with a one-pass backward.
 
-    Forward: Σr² as float64 sums of squared row norms (``vector_norm``: one read, no temporary;
-    float64 rates: a plain sum of squares), the per-neuron sums by :func:`_neuron_sums_f64`. Backward:
+    Forward: with both sums wanted and rates viewable as (samples, N_hid),
+    :func:`_blocked_rate_sums` (one sweep through memory); otherwise Σr² as float64 sums of
+    squared row norms (``vector_norm``: one read, no temporary; float64 rates: a plain sum of
+    squares) and the per-neuron sums by :func:`_neuron_sums_f64`. Backward:
     :math:`\partial/\partial r = 2 g_{sq}\, r + g_{col}` (``g_col`` broadcast over the samples)
     written once by ``addcmul``. The backward is built from differentiable operations on the
     saved rates, so autograd differentiates it again for second-order gradients.
@@ -154,6 +156,10 @@ class _RateSums(torch.autograd.Function):
 
     @staticmethod
     def forward(states: Tensor, need_sq: bool, need_col: bool):  # type: ignore[override]
+        if need_sq and need_col and states.dtype != torch.float64 and states.dim() >= 2:
+            rows = _rows_view(states)
+            if rows is not None:
+                return _blocked_rate_sums(rows)
         zero = torch.zeros((), dtype=torch.float64, device=states.device)
         sumsq, colsum = zero, zero
         if need_sq and states.dtype == torch.float64:
@@ -196,6 +202,37 @@ class _RateSums(torch.autograd.Function):
         else:
             grad = g_col.to(acc).expand(states.shape)
         return grad.to(states.dtype), None, None
+
+
+def _rows_view(states: Tensor) -> Optional[Tensor]:
+    """``states`` as (samples, N_hid) without a copy, or None where its strides do not allow it."""
+    try:
+        return states.view(-1, states.size(-1))
+    except RuntimeError:
+        return None
+
+
+def _blocked_rate_sums(rows: Tensor) -> Tuple[Tensor, Tensor]:
+    """Σr² and the per-neuron sums (float64) of (samples, N_hid) float32/16 rates in one sweep.
+
+    Blocks of about 2^20 rates (4 MiB in float32) are read twice back to back — row norms, then
+    column sums — so the second read comes from the cache: about one pass over memory instead of
+    two. Within a block both sums are float32 (row norms of N_hid terms, column sums of at most
+    2^20 / N_hid rows, cascade-summed); the block results are added in float64.
+    """
+    acc = accumulation_dtype(rows)
+    step = max(1, (1 << 20) // rows.size(1))
+    if rows.size(0) <= step:  # one block: float64 column sums, exact for float32 rates (equal neurons stay equal)
+        row_norms = torch.linalg.vector_norm(rows, dim=-1, dtype=acc).to(torch.float64)
+        return (row_norms * row_norms).sum(), rows.to(torch.float64).sum(0)
+    norms: List[Tensor] = []
+    cols: List[Tensor] = []
+    for start in range(0, rows.size(0), step):
+        block = rows.narrow(0, start, min(step, rows.size(0) - start))
+        norms.append(torch.linalg.vector_norm(block, dim=-1, dtype=acc))
+        cols.append(block.sum(0, dtype=acc))
+    row_norms = torch.cat(norms).to(torch.float64)
+    return (row_norms * row_norms).sum(), torch.stack(cols).to(torch.float64).sum(0)
 
 
 def rate_sums(states: Tensor, need_sq: bool, need_col: bool) -> Tuple[Tensor, Tensor]:

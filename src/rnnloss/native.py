@@ -107,7 +107,7 @@ def load_native(path: Union[str, Path]) -> RNNLoss:
 
     Raises ValueError naming what is wrong when the file is not this format.
     """
-    payload = torch.load(str(path), map_location="cpu", weights_only=True)
+    payload = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path} is not an {FORMAT} file")
     if payload.get("version") != VERSION:
