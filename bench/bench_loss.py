@@ -11,7 +11,6 @@ formulation agrees with float64. Usage:
     python bench/bench_loss.py [--device cpu|cuda] [--rounds N] [--sizes T,B,N ...] [--no-compile]
 """
 import argparse
-import resource
 import statistics
 import subprocess
 import sys
@@ -106,8 +105,9 @@ def fmt(seconds):
 def peak_extra_memory(t, b, n, device, variant):
     """Peak memory of one forward + backward beyond the inputs and the gradients it must return.
 
-    CUDA: the allocator's peak. CPU: the rise of the process's peak RSS in a fresh interpreter
-    (large blocks go back to the OS when freed, so every temporary shows up as new pages).
+    CUDA: the allocator's peak. CPU: the process's peak RSS (VmHWM) over the forward + backward,
+    reset just before it through /proc/self/clear_refs, in a fresh interpreter (large blocks go
+    back to the OS when freed, so every temporary shows up as new pages).
     """
     code = (f"import sys; sys.path[:0] = {[str(Path(__file__).resolve().parent)]!r}; "
             f"import bench_loss; bench_loss._memory_child({t}, {b}, {n}, {device!r}, {variant!r})")
@@ -137,9 +137,14 @@ def _memory_child(t, b, n, device, variant):
         torch.cuda.synchronize()
         print(torch.cuda.max_memory_allocated() - base - grads)
         return
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    def status(field):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak RSS to the current RSS
+    base = status("VmRSS")
     fn(pred, label, states)[0].backward()
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base - grads)
+    print(status("VmHWM") - base - grads)
 
 
 def bench_loss(t, b, n, device, rounds, compile_peers=True):

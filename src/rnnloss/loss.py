@@ -13,8 +13,8 @@ How the sums are taken (accuracy and speed; measured in BENCHMARKS.md):
 - Eager mode wraps those sums in an autograd Function whose backward writes the gradient
   :math:`2 g_{sq}\, r + g_{col}` in one fused pass; that backward is itself made of differentiable
   operations, so second-order gradients (Hessian-vector products, gradient penalties) are exact.
-- TorchScript and ``torch.compile`` run the same sums as plain differentiable operations
-  (TorchScript cannot compile an autograd Function; the compiler fuses them itself).
+- TorchScript runs the same sums as differentiable operations on cache-sized blocks (it cannot
+  compile an autograd Function); ``torch.compile`` gets them as plain operations and fuses them.
 - ``torch.export`` (and so the ONNX exporter) gets the sums in float64 throughout: other runtimes
   (ONNX Runtime) add long reductions sequentially, which in float32 misses the accuracy bound.
 """
@@ -115,8 +115,43 @@ def _neuron_sums_f64(states: Tensor) -> Tensor:
     return total
 
 
+def _split_rate_sums(states: Tensor, need_sq: bool, need_col: bool) -> Tuple[Tensor, Tensor]:
+    """Σr² and the per-neuron sums (float64) for TorchScript, as differentiable operations on
+    blocks of about 2^20 rates.
+
+    Per block, Σ b² and the column sums in the accumulation dtype (cascade sums: float32-exact to
+    ~1e-7); block results added in float64. A block's b² temporary stays in the cache, where one
+    full-size r² would cost a pass through fresh memory; ``split``'s backward concatenates the
+    block gradients once. A single block keeps float64 column sums (equal neurons stay equal).
+    """
+    n_hid = states.size(-1)
+    rows = states.reshape(-1, n_hid).to(accumulation_dtype(states))
+    step = max(1, 1048576 // n_hid)
+    zero = torch.zeros((), dtype=torch.float64, device=states.device)
+    sumsq, colsum = zero, zero
+    if rows.size(0) <= step:
+        if need_sq:
+            sumsq = (rows * rows).sum().to(torch.float64)
+        if need_col:
+            colsum = rows.to(torch.float64).sum(0)
+        return sumsq, colsum
+    squares: List[Tensor] = []
+    columns: List[Tensor] = []
+    for block in rows.split(step):
+        if need_sq:
+            squares.append((block * block).sum())
+        if need_col:
+            columns.append(block.sum(0))
+    if need_sq:
+        sumsq = torch.stack(squares).to(torch.float64).sum()
+    if need_col:
+        colsum = torch.stack(columns).to(torch.float64).sum(0)
+    return sumsq, colsum
+
+
 def _plain_rate_sums(states: Tensor, need_sq: bool, need_col: bool) -> Tuple[Tensor, Tensor]:
-    """Σr² and the per-neuron sums (float64) as plain differentiable operations (TorchScript, compile)."""
+    """Σr² and the per-neuron sums (float64) as plain differentiable operations (torch.compile,
+    which fuses them itself)."""
     zero = torch.zeros((), dtype=torch.float64, device=states.device)
     sumsq, colsum = zero, zero
     if need_sq:
@@ -240,10 +275,12 @@ def rate_sums(states: Tensor, need_sq: bool, need_col: bool) -> Tuple[Tensor, Te
 
     ``states`` is (…, N_hid); every leading index (batch, time, …) is a sample. Only the sums
     asked for are computed (the other is a float64 zero). Eager mode uses :class:`_RateSums`,
-    TorchScript and torch.compile :func:`_plain_rate_sums`, torch.export
+    TorchScript :func:`_split_rate_sums`, torch.compile :func:`_plain_rate_sums`, torch.export
     :func:`_exported_rate_sums`; all three give the same values to float32 rounding.
     """
-    if torch.jit.is_scripting() or (_compiling() and not _exporting()):
+    if torch.jit.is_scripting():
+        return _split_rate_sums(states, need_sq, need_col)
+    if _compiling() and not _exporting():
         return _plain_rate_sums(states, need_sq, need_col)
     return _eager_or_exported_rate_sums(states, need_sq, need_col)
 
