@@ -82,7 +82,7 @@ def read_manifest(folder: Path) -> Dict[str, Any]:
     if not isinstance(manifest, dict):
         raise NotAnExport(f"{path} is not a JSON object")
     sums = manifest.get("sha256")
-    # Exports of rnnloss 0.1.0 carry no generator mark; their component_names list stands in for it.
+    # Older exports carry no generator mark; their component_names list stands in for it.
     marked = manifest.get("generator") == GENERATOR or "component_names" in manifest
     if (not marked or not isinstance(sums, dict) or not sums
             or not all(k in ARTIFACTS and k != MANIFEST and isinstance(v, str) for k, v in sums.items())):

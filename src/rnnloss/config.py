@@ -11,9 +11,7 @@ import math
 from importlib import resources
 from typing import Any, Dict
 
-import torch
-
-from .loss import LAMBDA_NAMES
+from .loss import FLOAT32_MAX, LAMBDA_NAMES
 from .model import ACTIVATIONS, INIT_STATES
 
 
@@ -25,7 +23,6 @@ class ConfigError(ValueError):
         self.key = key
 
 
-FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # 3.4028234663852886e38
 SEED_MAX = 2**64 - 1  # torch.manual_seed takes a 64-bit unsigned seed
 
 

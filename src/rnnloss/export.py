@@ -397,7 +397,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         description="Export RNNLoss and CTRNN (TorchScript, ONNX, torch.export), check parity with eager mode and "
                     "install the artifacts atomically in --out. Exit 0: all checks pass; 1: a parity (or --verify) "
                     "check failed; 2: a problem you can fix (config, --out, missing dependency, disk, memory, "
-                    "permissions), printed as one line.")
+                    "permissions), printed as one line; 3: an unexplained error (a bug), with its traceback.")
     parser.add_argument("--config", help="JSON config (keys and ranges: see the README); the embedded default "
                                          "when absent")
     parser.add_argument("--out", help="output folder (default: artifacts)")

@@ -9,7 +9,7 @@ An exported graph has no Python around it, so the checks it can see must be part
   and states whose last axis is not N_hid. They do not refuse empty axes: torch.export lets a
   dynamic dimension be 0 or 1 at run time whatever its declared minimum. :func:`traced_refusals`
   adds what is missing as assertion nodes (``aten._assert_async.msg``) traced from a forward
-  pre-hook, so ``loss.py`` itself is unchanged: pred and states must not be empty, and mask
+  pre-hook, which keeps these export-only checks out of the loss's forward: pred and states must not be empty, and mask
   weights must be finite and >= 0.
 - **ONNX**. ONNX Runtime checks rank, dtype and the static axes of each input against the graph's
   declaration, nothing else (other runtimes may not check even that), and the ONNX exporter drops

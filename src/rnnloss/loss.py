@@ -71,14 +71,14 @@ def mean_squared_error(pred: Tensor, label: Tensor, mask: Optional[Tensor] = Non
     error (0·NaN is NaN). Returns float64 under torch.export (see the module docstring), else the
     accumulation dtype of pred and label.
     """
-    acc = torch.promote_types(accumulation_dtype(pred), accumulation_dtype(label))
-    if _exporting():
-        acc = torch.float64
-    diff = pred.to(acc) - label.to(acc)
+    exporting = _exporting()
+    acc = torch.float64 if exporting else torch.promote_types(accumulation_dtype(pred), accumulation_dtype(label))
+    p, y = pred.to(acc), label.to(acc)
+    if mask is None and not exporting:
+        return F.mse_loss(p, y)
+    diff = p - y
     if mask is None:
-        if _exporting():
-            return (diff * diff).sum() / diff.numel()
-        return F.mse_loss(pred.to(acc), label.to(acc))
+        return (diff * diff).sum() / diff.numel()
     w = mask.to(acc)
     if mask.dim() == pred.dim():
         weighted = (w * diff * diff).sum()
@@ -115,37 +115,38 @@ def _neuron_sums_f64(states: Tensor) -> Tensor:
     return total
 
 
-def _split_rate_sums(states: Tensor, need_sq: bool, need_col: bool) -> Tuple[Tensor, Tensor]:
-    """Σr² and the per-neuron sums (float64) for TorchScript, as differentiable operations on
-    blocks of about 2^20 rates.
+def _blocked_rate_sums(states: Tensor, need_sq: bool, need_col: bool, row_norms: bool) -> Tuple[Tensor, Tensor]:
+    """Σr² and the per-neuron sums (float64) on blocks of about 2^20 rates, read once each.
 
-    Per block, Σ b² and the column sums in the accumulation dtype (cascade sums: float32-exact to
-    ~1e-7); block results added in float64. A block's b² temporary stays in the cache, where one
-    full-size r² would cost a pass through fresh memory; ``split``'s backward concatenates the
-    block gradients once. A single block keeps float64 column sums (equal neurons stay equal).
+    A block (4 MiB in float32) is read twice back to back — squares, then column sums — so the
+    second read comes from the cache. Within a block both sums are in the accumulation dtype
+    (cascade sums: ~1e-7 relative), block results are added in float64; a single block keeps
+    float64 column sums (exact for float32 rates: equal neurons stay equal). Σ b² is taken as
+    squared row norms with ``row_norms`` (the eager forward: no temporary, not twice
+    differentiable at a zero row) or as Σ b·b (TorchScript: differentiable to any order, a
+    block-sized temporary that stays in the cache; ``split``'s backward concatenates the block
+    gradients once).
     """
     n_hid = states.size(-1)
-    rows = states.reshape(-1, n_hid).to(accumulation_dtype(states))
+    acc = accumulation_dtype(states)
+    rows = states.reshape(-1, n_hid)
     step = max(1, 1048576 // n_hid)
-    zero = torch.zeros((), dtype=torch.float64, device=states.device)
-    sumsq, colsum = zero, zero
-    if rows.size(0) <= step:
-        if need_sq:
-            sumsq = (rows * rows).sum().to(torch.float64)
-        if need_col:
-            colsum = rows.to(torch.float64).sum(0)
-        return sumsq, colsum
     squares: List[Tensor] = []
     columns: List[Tensor] = []
-    for block in rows.split(step):
+    single = rows.size(0) <= step
+    for raw in rows.split(step):
+        block = raw.to(acc)
         if need_sq:
-            squares.append((block * block).sum())
+            if row_norms:
+                norms = torch.linalg.vector_norm(block, dim=-1).to(torch.float64)
+                squares.append((norms * norms).sum())
+            else:
+                squares.append((block * block).sum().to(torch.float64))
         if need_col:
-            columns.append(block.sum(0))
-    if need_sq:
-        sumsq = torch.stack(squares).to(torch.float64).sum()
-    if need_col:
-        colsum = torch.stack(columns).to(torch.float64).sum(0)
+            columns.append(block.to(torch.float64).sum(0) if single else block.sum(0).to(torch.float64))
+    zero = torch.zeros((), dtype=torch.float64, device=states.device)
+    sumsq = torch.stack(squares).sum() if need_sq else zero
+    colsum = torch.stack(columns).sum(0) if need_col else zero
     return sumsq, colsum
 
 
@@ -178,8 +179,8 @@ def _exported_rate_sums(states: Tensor, need_sq: bool, need_col: bool) -> Tuple[
 class _RateSums(torch.autograd.Function):
     r"""Eager fast path: (Σr², per-neuron sums) with a one-pass backward.
 
-    Forward: with both sums wanted and rates viewable as (samples, N_hid),
-    :func:`_blocked_rate_sums` (one sweep through memory); otherwise Σr² as float64 sums of
+    Forward: with both sums wanted and float32/16 rates viewable as (samples, N_hid),
+    :func:`_blocked_rate_sums` with row norms (one sweep through memory); otherwise Σr² as float64 sums of
     squared row norms (``vector_norm``: one read, no temporary; float64 rates: a plain sum of
     squares) and the per-neuron sums by :func:`_neuron_sums_f64`. Backward:
     :math:`\partial/\partial r = 2 g_{sq}\, r + g_{col}` (``g_col`` broadcast over the samples)
@@ -191,10 +192,8 @@ class _RateSums(torch.autograd.Function):
 
     @staticmethod
     def forward(states: Tensor, need_sq: bool, need_col: bool):  # type: ignore[override]
-        if need_sq and need_col and states.dtype != torch.float64 and states.dim() >= 2:
-            rows = _rows_view(states)
-            if rows is not None:
-                return _blocked_rate_sums(rows)
+        if need_sq and need_col and states.dtype != torch.float64 and _viewable_as_rows(states):
+            return _blocked_rate_sums(states, True, True, row_norms=True)
         zero = torch.zeros((), dtype=torch.float64, device=states.device)
         sumsq, colsum = zero, zero
         if need_sq and states.dtype == torch.float64:
@@ -239,35 +238,13 @@ class _RateSums(torch.autograd.Function):
         return grad.to(states.dtype), None, None
 
 
-def _rows_view(states: Tensor) -> Optional[Tensor]:
-    """``states`` as (samples, N_hid) without a copy, or None where its strides do not allow it."""
+def _viewable_as_rows(states: Tensor) -> bool:
+    """``states`` reshapes to (samples, N_hid) without a copy."""
     try:
-        return states.view(-1, states.size(-1))
+        states.view(-1, states.size(-1))
+        return True
     except RuntimeError:
-        return None
-
-
-def _blocked_rate_sums(rows: Tensor) -> Tuple[Tensor, Tensor]:
-    """Σr² and the per-neuron sums (float64) of (samples, N_hid) float32/16 rates in one sweep.
-
-    Blocks of about 2^20 rates (4 MiB in float32) are read twice back to back — row norms, then
-    column sums — so the second read comes from the cache: about one pass over memory instead of
-    two. Within a block both sums are float32 (row norms of N_hid terms, column sums of at most
-    2^20 / N_hid rows, cascade-summed); the block results are added in float64.
-    """
-    acc = accumulation_dtype(rows)
-    step = max(1, (1 << 20) // rows.size(1))
-    if rows.size(0) <= step:  # one block: float64 column sums, exact for float32 rates (equal neurons stay equal)
-        row_norms = torch.linalg.vector_norm(rows, dim=-1, dtype=acc).to(torch.float64)
-        return (row_norms * row_norms).sum(), rows.to(torch.float64).sum(0)
-    norms: List[Tensor] = []
-    cols: List[Tensor] = []
-    for start in range(0, rows.size(0), step):
-        block = rows.narrow(0, start, min(step, rows.size(0) - start))
-        norms.append(torch.linalg.vector_norm(block, dim=-1, dtype=acc))
-        cols.append(block.sum(0, dtype=acc))
-    row_norms = torch.cat(norms).to(torch.float64)
-    return (row_norms * row_norms).sum(), torch.stack(cols).to(torch.float64).sum(0)
+        return False
 
 
 def rate_sums(states: Tensor, need_sq: bool, need_col: bool) -> Tuple[Tensor, Tensor]:
@@ -275,11 +252,11 @@ def rate_sums(states: Tensor, need_sq: bool, need_col: bool) -> Tuple[Tensor, Te
 
     ``states`` is (…, N_hid); every leading index (batch, time, …) is a sample. Only the sums
     asked for are computed (the other is a float64 zero). Eager mode uses :class:`_RateSums`,
-    TorchScript :func:`_split_rate_sums`, torch.compile :func:`_plain_rate_sums`, torch.export
-    :func:`_exported_rate_sums`; all three give the same values to float32 rounding.
+    TorchScript :func:`_blocked_rate_sums`, torch.compile :func:`_plain_rate_sums`, torch.export
+    :func:`_exported_rate_sums`; all of them give the same values to float32 rounding.
     """
     if torch.jit.is_scripting():
-        return _split_rate_sums(states, need_sq, need_col)
+        return _blocked_rate_sums(states, need_sq, need_col, False)
     if _compiling() and not _exporting():
         return _plain_rate_sums(states, need_sq, need_col)
     return _eager_or_exported_rate_sums(states, need_sq, need_col)
@@ -556,7 +533,8 @@ class RNNLoss(nn.Module):
             if not bool(valid):
                 raise ValueError("mask must hold finite weights >= 0")
         elif torch.jit.is_scripting():
-            mask = torch.where(valid, mask.to(torch.float32), torch.full_like(mask, math.nan, dtype=torch.float32))
+            weights = mask if mask.is_floating_point() else mask.to(torch.float64)  # keeps float64 exact
+            mask = torch.where(valid, weights, torch.full_like(weights, math.nan))
         else:
             torch._assert_async(valid, "mask must hold finite weights >= 0")
         return mask

@@ -43,12 +43,11 @@ from typing import Any, Dict, Union
 import torch
 
 from .loss import COMPONENT_NAMES, LAMBDA_NAMES, RNNLoss
-from .model import CTRNN
+from .model import CTRNN, LAYERS as _LAYERS
 
 NATIVE = "rnnloss_native.pt"
 FORMAT = "rnnloss.native"
 VERSION = 1
-_LAYERS = ("input", "hidden", "readout")
 
 
 def _bias_kind(linear: torch.nn.Linear) -> str:
@@ -105,8 +104,15 @@ def load_native(path: Union[str, Path]) -> RNNLoss:
     """An eager :class:`RNNLoss` (its model as ``.model``, in eval mode) from a file written by
     :func:`save_native`, read with ``torch.load(weights_only=True)``; the state loads strictly.
 
-    Raises ValueError naming what is wrong when the file is not this format.
+    Raises ValueError naming what is wrong when the file is not this format or its λ are invalid.
     """
+    try:
+        return _load_native(path)
+    except (KeyError, TypeError, IndexError, AttributeError) as e:
+        raise ValueError(f"{path} is not a well-formed {FORMAT} file ({type(e).__name__}: {e})") from None
+
+
+def _load_native(path: Union[str, Path]) -> RNNLoss:
     payload = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path} is not an {FORMAT} file")
@@ -128,4 +134,5 @@ def load_native(path: Union[str, Path]) -> RNNLoss:
     loss = RNNLoss(model, **{name: (1.0 if on else 0.0) for name, on in zip(LAMBDA_NAMES, spec["active"])})
     with torch.no_grad():
         loss.lambdas.copy_(torch.tensor(spec["lambdas"], dtype=torch.float64))
+    loss._check_lambdas()  # negative, NaN, or non-zero for an inactive component: ValueError now
     return loss.eval()
