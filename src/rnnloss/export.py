@@ -84,8 +84,8 @@ def export_torchscript(module: torch.nn.Module, path: Path) -> None:
 
 
 def export_pt2(loss: RNNLoss, example: Sequence[torch.Tensor], path: Path) -> None:
-    """The torch.export program, with the refusals its input guards lack (see graph_checks)."""
-    with _quiet(), graph_checks.traced_refusals(loss):
+    """The torch.export program (the refusals its input guards lack are traced from the loss)."""
+    with _quiet():
         program = torch.export.export(loss, tuple(example),
                                       dynamic_shapes=dynamic_shapes(loss.model.batch_first, input_names(example)))
     # The program is saved with its example inputs, whose T·B·N_hid rates can outweigh the weights.

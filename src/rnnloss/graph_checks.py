@@ -7,10 +7,10 @@ An exported graph has no Python around it, so the checks it can see must be part
   label, states (and mask) one shared ``time`` and ``batch`` dimension and static last axes,
   already refuse a label (or mask) whose shape differs from pred's — broadcastable ones included —
   and states whose last axis is not N_hid. They do not refuse empty axes: torch.export lets a
-  dynamic dimension be 0 or 1 at run time whatever its declared minimum. :func:`traced_refusals`
-  adds what is missing as assertion nodes (``aten._assert_async.msg``) traced from a forward
-  pre-hook, which keeps these export-only checks out of the loss's forward: pred and states must not be empty, and mask
-  weights must be finite and >= 0.
+  dynamic dimension be 0 or 1 at run time whatever its declared minimum. ``RNNLoss.forward``
+  adds what is missing when it is exported (``loss._exported_refusals``: assertion nodes,
+  ``aten._assert_async.msg``): pred and states must not be empty, and mask weights must be
+  finite and >= 0.
 - **ONNX**. ONNX Runtime checks rank, dtype and the static axes of each input against the graph's
   declaration, nothing else (other runtimes may not check even that), and the ONNX exporter drops
   torch's assertion nodes.
@@ -22,11 +22,7 @@ An exported graph has no Python around it, so the checks it can see must be part
   shape``). The checks read shapes only, except the mask-weight check (one pass over the mask). The outputs are multiplied by an exact
   1.0 that depends on every gated input, so a check runs even when no component reads its input.
 """
-import contextlib
-from typing import Dict, Iterator, List, Optional, Sequence
-
-import torch
-from torch import Tensor, nn
+from typing import Dict, List, Optional, Sequence
 
 LABEL_SHAPE = "pred and label must have the same shape"
 PRED_EMPTY = "pred must not be empty"
@@ -34,35 +30,6 @@ STATES_EMPTY = "states must not be empty"
 STATES_SAMPLES = "states must have pred's time and batch sizes in an exported graph"
 MASK_SHAPE = "mask must have pred's shape"
 MASK_WEIGHTS = "mask must hold finite weights >= 0"
-
-
-def _refusal_pre_hook(module: nn.Module, args) -> None:
-    """What torch.export's input guards miss, as assertion nodes in the traced graph.
-
-    ``args`` are forward's positional arguments (pred, label, states[, mask]). The emptiness tests
-    read only sizes, on a CPU scalar, so on the CPU they raise ``RuntimeError: <message>`` before
-    any work. The mask test reads the weights on the mask's device (one min/max pass); on CUDA it
-    is a device-side assertion, like eager's asynchronous mask check there.
-    """
-    pred = args[0]
-    states: Optional[Tensor] = args[2] if len(args) > 2 else None
-    mask: Optional[Tensor] = args[3] if len(args) > 3 else None
-    torch._assert_async(torch.scalar_tensor(pred.numel()) > 0, PRED_EMPTY)
-    if states is not None:
-        torch._assert_async(torch.scalar_tensor(states.numel()) > 0, STATES_EMPTY)
-    if mask is not None:
-        lo, hi = torch.aminmax(mask)  # NaN propagates to both, and fails both comparisons
-        torch._assert_async((lo >= 0) & (hi < float("inf")), MASK_WEIGHTS)
-
-
-@contextlib.contextmanager
-def traced_refusals(module: nn.Module) -> Iterator[None]:
-    """Within the block, ``torch.export.export(module, …)`` traces :func:`_refusal_pre_hook` too."""
-    handle = module.register_forward_pre_hook(_refusal_pre_hook)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 def add_onnx_refusals(model):

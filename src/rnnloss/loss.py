@@ -561,6 +561,8 @@ class RNNLoss(nn.Module):
             raise ValueError("states is required when lambda_fr, lambda_fr_sd or lambda_fr_cv > 0, got None")
         if mask is not None:
             mask = self._check_mask(mask, pred)
+        if _exporting():
+            _exported_refusals(pred, states, mask)
         self._check_lambdas()
 
         w_in = self.model.recurrent_layer.input_layer.weight
@@ -610,6 +612,20 @@ class RNNLoss(nn.Module):
 def _readback_is_free(t: Tensor) -> bool:
     """Reading ``t`` back costs no host–device synchronisation (it lives on the CPU)."""
     return not t.is_cuda
+
+
+@torch.jit.unused
+def _exported_refusals(pred: Tensor, states: Optional[Tensor], mask: Optional[Tensor]) -> None:
+    """Under torch.export: the checks above that read sizes or values as assertion nodes in the
+    graph (``aten._assert_async``), since the traced sizes are symbols and the checks above pass
+    once at trace time. The program's input guards refuse differing shapes and a wrong N_hid, not
+    empty axes (a dynamic dimension may be 0 at run time whatever its declared minimum) nor mask
+    weights. The ONNX exporter drops these nodes; the ONNX graph gets its own (graph_checks)."""
+    torch._assert_async(torch.scalar_tensor(pred.numel()) > 0, "pred must not be empty")
+    if states is not None:
+        torch._assert_async(torch.scalar_tensor(states.numel()) > 0, "states must not be empty")
+    if mask is not None and mask.dtype != torch.bool:
+        torch._assert_async(torch.all((mask >= 0) & torch.isfinite(mask)), "mask must hold finite weights >= 0")
 
 
 @torch.jit.unused
