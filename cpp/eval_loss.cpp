@@ -9,7 +9,6 @@
 
 #include <fstream>
 #include <iostream>
-#include <iterator>
 #include <map>
 #include <set>
 #include <string>
@@ -33,21 +32,17 @@ const char* const kUsage =
 
 int fail(int status, const std::string& why) { return cli::fail("eval_loss", status, why); }
 
-std::vector<char> read_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw std::runtime_error("cannot read INPUTS " + path);
-  return std::vector<char>(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-}
-
 const char* const kInputsExpected =
     "INPUTS must be a dict of the tensors 'pred', 'label' and 'states' (optionally 'mask'), as "
     "torch.save({'pred': pred, 'label': label, 'states': states}, path) writes it";
 
 // The tensors of INPUTS by name, or a message saying what is wrong with it.
 std::string read_inputs(const std::string& path, std::map<std::string, torch::Tensor>& out) {
+  auto bytes = rnnloss::detail::read_bytes(path);
+  if (!bytes) throw std::runtime_error("cannot read INPUTS " + path);
   c10::IValue value;
   try {
-    value = rnnloss::detail::unpickle(read_file(path), path);
+    value = rnnloss::detail::unpickle(*bytes, path);
   } catch (const c10::ValueError& e) {
     return std::string(kInputsExpected) + "; " + e.what_without_backtrace();
   }

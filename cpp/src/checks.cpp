@@ -1,5 +1,7 @@
 #include "checks.h"
 
+#include <rnnloss/loss.h>
+
 #include <c10/util/Exception.h>
 
 #include <charconv>
@@ -74,6 +76,10 @@ std::string py_str_list(const std::vector<std::string>& values) {
   std::string out = "[";
   for (size_t i = 0; i < values.size(); ++i) out += (i ? ", '" : "'") + values[i] + "'";
   return out + "]";
+}
+
+std::string lambda_entry(size_t index) {
+  return "lambdas[" + std::to_string(index) + "] ('" + component_names().at(index) + "')";
 }
 
 std::string device_name(const torch::Device& device) { return device.str(); }

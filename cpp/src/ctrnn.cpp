@@ -11,6 +11,7 @@
 
 namespace rnnloss {
 
+using detail::kLayers;
 using detail::py_float;
 using detail::py_str_list;
 using detail::shape_of;
@@ -21,7 +22,6 @@ const std::vector<std::string> kActivations = {"relu", "tanh", "sigmoid", "softp
 const std::vector<std::string> kWeightInits = {"uniform", "normal", "zero"};
 const std::vector<std::string> kBiasInits = {"uniform", "normal", "zero", "fixed", "absent"};
 const std::vector<std::string> kInitStates = {"zero", "learn"};
-const char* const kLayers[3] = {"input", "hidden", "readout"};
 constexpr double kAlphaMin = 1e-3;  // learnable α is kept in [kAlphaMin, 1] by enforce_constraints()
 
 bool one_of(const std::string& value, const std::vector<std::string>& allowed) {

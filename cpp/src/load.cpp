@@ -12,6 +12,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -19,7 +20,10 @@ namespace rnnloss {
 
 using detail::dtype_name;
 using detail::int_list;
-using detail::kFloat32Max;
+using detail::kLayers;
+using detail::lambda_entry;
+using detail::lambda_fits_activity;
+using detail::lambda_in_range;
 using detail::py_float;
 using detail::py_str_list;
 using detail::shape_of;
@@ -28,7 +32,6 @@ namespace {
 
 constexpr const char* kFormat = "rnnloss.native";
 constexpr int64_t kVersion = 1;
-const char* const kLayers[3] = {"input", "hidden", "readout"};
 
 using Dict = c10::Dict<c10::IValue, c10::IValue>;
 
@@ -68,22 +71,17 @@ struct Reader {
   }
 };
 
-std::vector<char> read_bytes(const std::string& file) {
-  std::ifstream in(file, std::ios::binary);
-  TORCH_CHECK_VALUE(in.good(), "rnnloss::load: cannot read ", file,
-                    " (the export command writes it; from Python: rnnloss.native.save_native(loss, path))");
-  return std::vector<char>(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-}
-
 }  // namespace
 
 Exported load(const std::string& path) {
   std::filesystem::path file(path);
   if (std::filesystem::is_directory(file)) file /= kNativeArtifact;
-  auto bytes = read_bytes(file.string());
+  auto bytes = detail::read_bytes(file.string());
+  TORCH_CHECK_VALUE(bytes.has_value(), "rnnloss::load: cannot read ", file.string(),
+                    " (the export command writes it; from Python: rnnloss.native.save_native(loss, path))");
   c10::IValue root;
   try {
-    root = detail::unpickle(bytes, file.string());
+    root = detail::unpickle(*bytes, file.string());
   } catch (const c10::ValueError& e) {
     TORCH_CHECK_VALUE(false, "rnnloss::load: ", e.what_without_backtrace());
   }
@@ -91,6 +89,12 @@ Exported load(const std::string& path) {
 }
 
 namespace detail {
+
+std::optional<std::vector<char>> read_bytes(const std::string& file) {
+  std::ifstream in(file, std::ios::binary);
+  if (!in.good()) return std::nullopt;
+  return std::vector<char>(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+}
 
 c10::IValue unpickle(const std::vector<char>& bytes, const std::string& file) {
   auto starts_with = [&](const char* prefix, size_t n) {
@@ -245,11 +249,11 @@ Exported from_native_dict(const c10::IValue& root, const std::string& where) {
     TORCH_CHECK_VALUE(v.isDouble() || v.isInt(), "rnnloss::load: ", r.path, ": 'loss.lambdas' must hold numbers");
     lambdas[i] = v.isDouble() ? v.toDouble() : static_cast<double>(v.toInt());
     const auto& name = library_names[i];
-    std::string entry = "lambdas[" + std::to_string(i) + "] ('" + name + "') = " + py_float(lambdas[i]);
-    TORCH_CHECK_VALUE(lambdas[i] >= 0.0 && lambdas[i] <= kFloat32Max, "rnnloss::load: ", r.path, " gives ", entry,
+    std::string entry = lambda_entry(i) + " = " + py_float(lambdas[i]);
+    TORCH_CHECK_VALUE(lambda_in_range(lambdas[i]), "rnnloss::load: ", r.path, " gives ", entry,
                       "; a lambda must be finite, >= 0 and at most float32's largest value");
-    TORCH_CHECK_VALUE(r.flag(active[i], "loss.active") || lambdas[i] == 0.0, "rnnloss::load: ", r.path, " gives ",
-                      entry, ", but component '", name,
+    TORCH_CHECK_VALUE(lambda_fits_activity(lambdas[i], r.flag(active[i], "loss.active")), "rnnloss::load: ", r.path,
+                      " gives ", entry, ", but component '", name,
                       "' is inactive in it ('loss.active' is false there; a component inactive at construction "
                       "keeps lambda 0): the file is inconsistent, export the loss again");
     // An active component annealed to 0 stays active: build it with a placeholder, then write λ.

@@ -12,7 +12,9 @@
 namespace rnnloss {
 
 using detail::accumulation_dtype;
-using detail::kFloat32Max;
+using detail::lambda_entry;
+using detail::lambda_fits_activity;
+using detail::lambda_in_range;
 using detail::py_float;
 using detail::shape_of;
 
@@ -100,7 +102,7 @@ std::pair<torch::Tensor, torch::Tensor> rate_sd_cv(const torch::Tensor& mean_rat
 
 void check_lambda_value(const std::string& name, double value) {
   TORCH_CHECK_VALUE(std::isfinite(value) && value >= 0, name, " must be finite and >= 0, got ", py_float(value));
-  TORCH_CHECK_VALUE(value <= kFloat32Max, name, " must be finite in float32 (at most 3.4028235e+38), got ",
+  TORCH_CHECK_VALUE(lambda_in_range(value), name, " must be finite in float32 (at most 3.4028235e+38), got ",
                     py_float(value));
 }
 
@@ -146,7 +148,7 @@ void RNNLossImpl::set_lambda(const std::string& name, double value) {
     if (component_names()[i] == name) index = static_cast<int64_t>(i);
   TORCH_CHECK_VALUE(index >= 0, "set_lambda: name must be one of ", detail::py_str_list(component_names()),
                     ", got '", name, "'");
-  TORCH_CHECK_VALUE(value >= 0.0 && value <= kFloat32Max, "set_lambda: value for '", name,
+  TORCH_CHECK_VALUE(lambda_in_range(value), "set_lambda: value for '", name,
                     "' must be finite (in float32) and >= 0, got ", py_float(value));
   TORCH_CHECK_VALUE(on_[static_cast<size_t>(index)], "set_lambda: component '", name,
                     "' is inactive (its lambda was 0 at construction), so it is never computed; build the loss with "
@@ -169,10 +171,10 @@ void RNNLossImpl::check_lambdas() {
   const double* v = values.data_ptr<double>();
   for (size_t i = 0; i < 7; ++i) {
     const auto& name = component_names()[i];
-    std::string entry = "lambdas[" + std::to_string(i) + "] ('" + name + "')";
+    std::string entry = lambda_entry(i);
     const char* kind = std::isnan(v[i]) ? "NaN" : v[i] < 0 ? "a negative value" : "a value beyond float32's range";
-    TORCH_CHECK_VALUE(v[i] >= 0.0 && v[i] <= kFloat32Max, entry, " must be finite and >= 0; it was set to ", kind);
-    TORCH_CHECK_VALUE(on_[i] || v[i] == 0.0, entry, " is non-zero but component '", name,
+    TORCH_CHECK_VALUE(lambda_in_range(v[i]), entry, " must be finite and >= 0; it was set to ", kind);
+    TORCH_CHECK_VALUE(lambda_fits_activity(v[i], on_[i]), entry, " is non-zero but component '", name,
                       "' is inactive (its lambda was 0 at construction); build the loss with a non-zero lambda_",
                       name);
   }

@@ -1,15 +1,20 @@
-// Internal: rnnloss::load's reader of the artifact's dict, also used by the parity test driver.
+// Internal: rnnloss::load's readers of a torch.save file and of the artifact's dict, also used by
+// eval_loss (its INPUTS) and the parity test driver.
 #pragma once
 
 #include <rnnloss/load.h>
 
 #include <ATen/core/ivalue.h>
 
+#include <optional>
 #include <string>
 #include <vector>
 
 namespace rnnloss {
 namespace detail {
+
+/// The bytes of `file`, or nullopt if it cannot be opened (the caller says what the file was for).
+std::optional<std::vector<char>> read_bytes(const std::string& file);
 
 /// The model and loss described by `root` (the unpickled rnnloss_native.pt); `where` names the
 /// source in error messages.

@@ -17,7 +17,6 @@
 
 #include <fstream>
 #include <iostream>
-#include <iterator>
 #include <string>
 #include <vector>
 
@@ -215,9 +214,12 @@ int main(int argc, char** argv) {
     std::cerr << "usage: rnnloss_cases CASES RESULTS\n";
     return 2;
   }
-  std::ifstream in(argv[1], std::ios::binary);
-  std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  auto root = torch::pickle_load(bytes).toGenericDict();
+  auto bytes = rnnloss::detail::read_bytes(argv[1]);
+  if (!bytes) {
+    std::cerr << "rnnloss_cases: cannot read " << argv[1] << "\n";
+    return 2;
+  }
+  auto root = torch::pickle_load(*bytes).toGenericDict();
   auto artifact_list = get(root, "artifacts").toListRef();
   std::vector<IValue> artifacts(artifact_list.begin(), artifact_list.end());
   std::vector<IValue> results;
