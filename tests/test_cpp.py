@@ -494,6 +494,24 @@ def test_eval_loss_says_why_it_cannot_read_inputs(programs, artifacts, tmp_path,
     assert f"cannot read {tmp_path / 'in.pt'}: it {problem}" in result.stderr
 
 
+@pytest.mark.parametrize("missing", ["inputs", "artifact"])
+def test_eval_loss_names_the_file_it_cannot_open(programs, artifacts, tmp_path, missing):
+    folder, loss = artifacts
+    inputs = tmp_path / "in.pt"
+    torch.save(dict(zip(("pred", "label", "states"), export.sample_inputs(loss, 3, 2, seed=1))), inputs)
+    if missing == "inputs":
+        inputs = tmp_path / "absent.pt"
+        expected = f"eval_loss: cannot read INPUTS {inputs}\n"
+    else:
+        folder = tmp_path / "empty"
+        folder.mkdir()
+        expected = (f"eval_loss: rnnloss::load: cannot read {folder / NATIVE} (the export command writes it; "
+                    "from Python: rnnloss.native.save_native(loss, path))\n")
+    result = subprocess.run([str(programs["eval_loss"]), str(folder), str(inputs), str(tmp_path / "out.pt")],
+                            capture_output=True, text=True)
+    assert (result.returncode, result.stderr) == (1, expected)
+
+
 @pytest.mark.parametrize("change, problem", [
     (lambda p: p["loss"].update(component_names=["mse", "in", "hid", "out", "rate", "fr_sd", "fr_cv"]),
      "'loss.component_names' is ['mse', 'in', 'hid', 'out', 'rate', 'fr_sd', 'fr_cv'], this library's are "
