@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from conftest import ALL_ON, CUDA, NAMES, lambdas_for, make_inputs, make_model
+from conftest import ALL_ON, CUDA, NAMES, lambdas_for, make_inputs, make_model, script_roundtrip
 from rnnloss import RNNLoss
 
 W_KEYS = ("model.recurrent_layer.input_layer.weight", "model.recurrent_layer.hidden_layer.weight",
@@ -176,10 +176,13 @@ def test_blocked_rate_sums_match_the_formula_and_its_gradient(layout):
         assert loss(zeros, zeros, states)[1][4].item() == comps[4].item()  # no-grad value identical
 
 
-def test_fr_gradient_stays_finite_when_the_float32_sum_of_squares_overflows():
+@pytest.mark.parametrize("scripted", [False, True], ids=["eager", "scripted"])
+def test_fr_gradient_stays_finite_when_the_float32_sum_of_squares_overflows(scripted, tmp_path):
     # r = 1e20: r² overflows float32, so fr is inf, but the formula's gradient 2λr/n is finite.
     model = make_model((1, 4, 1))
     loss = RNNLoss(model, lambda_mse=0.0, lambda_fr=0.5)
+    if scripted:
+        loss = script_roundtrip(loss, tmp_path)
     states = torch.full((3, 2, 4), 1e20, requires_grad=True)
     zeros = torch.zeros(1, 1, 1)
     total, comps = loss(zeros, zeros, states)

@@ -87,13 +87,21 @@ def test_hessian_vector_product_equals_autograd_of_the_formulas(active, scripted
         assert (a - r).abs().max().item() <= 1e-10 * scale + 1e-14, name
 
 
-@pytest.mark.parametrize("scripted", [False, True], ids=["eager", "scripted"])
+# The scripted module takes its rate sums one way for contiguous CPU rates and another (blocks, as on
+# CUDA) for strided ones: "scripted-strided" passes the rates as a transposed view to reach the latter.
+@pytest.mark.parametrize("scripted", [False, True, "strided"], ids=["eager", "scripted", "scripted-strided"])
 @pytest.mark.parametrize("active", [(4,), (4, 5), (5, 6), (0, 4, 5, 6), tuple(range(7))],
                          ids=lambda a: "+".join(NAMES[i] for i in a))
 def test_gradgradcheck_wrt_pred_states_and_weights(active, scripted, tmp_path):
     loss, pred, label, states, weights = _setup(active)
+    if scripted == "strided":
+        states = states.transpose(0, 1).contiguous()  # a (B, T, N) leaf, passed as a (T, B, N) view
     inputs = [t.clone().requires_grad_(True) for t in (pred, states)]
-    if scripted:
+    if scripted == "strided":
+        loss = script_roundtrip(loss, tmp_path)
+        assert not inputs[1].transpose(0, 1).is_contiguous()
+        assert torch.autograd.gradgradcheck(lambda p, s: loss(p, label, s.transpose(0, 1))[0], inputs)
+    elif scripted:
         loss = script_roundtrip(loss, tmp_path)
         assert torch.autograd.gradgradcheck(lambda p, s: loss(p, label, s)[0], inputs)
     else:

@@ -122,8 +122,8 @@ def _blocked_rate_sums(states: Tensor, need_sq: bool, need_col: bool, row_norms:
     second read comes from the cache. Within a block both sums are in the accumulation dtype
     (cascade sums: ~1e-7 relative), block results are added in float64; a single block keeps
     float64 column sums (exact for float32 rates: equal neurons stay equal). Σ b² is taken as
-    squared row norms with ``row_norms`` (the eager forward: no temporary, not twice
-    differentiable at a zero row) or as Σ b·b (TorchScript: differentiable to any order, a
+    squared row norms with ``row_norms`` (values only: no temporary, not twice differentiable at a
+    zero row) or as Σ b·b (TorchScript on CUDA or strided rates: differentiable to any order, a
     block-sized temporary that stays in the cache; ``split``'s backward concatenates the block
     gradients once).
     """
@@ -179,10 +179,7 @@ def _exported_rate_sums(states: Tensor, need_sq: bool, need_col: bool) -> Tuple[
 class _RateSums(torch.autograd.Function):
     r"""Eager fast path: (Σr², per-neuron sums) with a one-pass backward.
 
-    Forward: with both sums wanted and float32/16 rates viewable as (samples, N_hid),
-    :func:`_blocked_rate_sums` with row norms (one sweep through memory); otherwise Σr² as float64 sums of
-    squared row norms (``vector_norm``: one read, no temporary; float64 rates: a plain sum of
-    squares) and the per-neuron sums by :func:`_neuron_sums_f64`. Backward:
+    Forward: :func:`_rate_sum_values`. Backward:
     :math:`\partial/\partial r = 2 g_{sq}\, r + g_{col}` (``g_col`` broadcast over the samples)
     written once by ``addcmul``. The backward is built from differentiable operations on the
     saved rates, so autograd differentiates it again for second-order gradients.
@@ -192,18 +189,7 @@ class _RateSums(torch.autograd.Function):
 
     @staticmethod
     def forward(states: Tensor, need_sq: bool, need_col: bool):  # type: ignore[override]
-        if need_sq and need_col and states.dtype != torch.float64 and _viewable_as_rows(states):
-            return _blocked_rate_sums(states, True, True, row_norms=True)
-        zero = torch.zeros((), dtype=torch.float64, device=states.device)
-        sumsq, colsum = zero, zero
-        if need_sq and states.dtype == torch.float64:
-            sumsq = (states * states).sum()  # no sqrt-then-square rounding for float64 rates
-        elif need_sq:
-            norms = torch.linalg.vector_norm(states, dim=-1, dtype=accumulation_dtype(states)).to(torch.float64)
-            sumsq = (norms * norms).sum()
-        if need_col:
-            colsum = _neuron_sums_f64(states)
-        return sumsq, colsum
+        return _rate_sum_values(states, need_sq, need_col)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -238,13 +224,76 @@ class _RateSums(torch.autograd.Function):
         return grad.to(states.dtype), None, None
 
 
-def _viewable_as_rows(states: Tensor) -> bool:
-    """``states`` reshapes to (samples, N_hid) without a copy."""
-    try:
-        states.view(-1, states.size(-1))
-        return True
-    except RuntimeError:
-        return False
+def _rate_sum_values(states: Tensor, need_sq: bool, need_col: bool) -> Tuple[Tensor, Tensor]:
+    """The values of Σr² and the per-neuron sums (float64), fast and accurate; for a graph, see callers.
+
+    With both sums wanted and contiguous float32/16 rates, :func:`_blocked_rate_sums` with row norms
+    (one sweep through memory); otherwise Σr² as float64 sums of squared row norms (``vector_norm``:
+    one read, no temporary; float64 rates: a plain sum of squares) and the per-neuron sums by
+    :func:`_neuron_sums_f64`. Used by the eager forward and, without gradients, by TorchScript, so
+    both give the same values to the bit.
+    """
+    if need_sq and need_col and states.dtype != torch.float64 and states.is_contiguous():
+        return _blocked_rate_sums(states, True, True, row_norms=True)
+    zero = torch.zeros((), dtype=torch.float64, device=states.device)
+    sumsq, colsum = zero, zero
+    if need_sq and states.dtype == torch.float64:
+        sumsq = (states * states).sum()  # no sqrt-then-square rounding for float64 rates
+    elif need_sq:
+        norms = torch.linalg.vector_norm(states, dim=-1, dtype=accumulation_dtype(states)).to(torch.float64)
+        sumsq = (norms * norms).sum()
+    if need_col:
+        colsum = _neuron_sums_f64(states)
+    return sumsq, colsum
+
+
+def _scripted_rate_sums(states: Tensor, need_sq: bool, need_col: bool) -> Tuple[Tensor, Tensor]:
+    r"""TorchScript's rate sums (it cannot compile :class:`_RateSums`): the values of
+    :func:`_rate_sum_values`, and plain differentiable operations where a gradient is wanted.
+
+    - No gradient wanted (``no_grad`` or rates that do not require grad): :func:`_rate_sum_values`.
+    - CPU, contiguous rates: :func:`_cpu_rate_sums_for_autograd` (the gradient written in two
+      full-size passes), unless one of its float32 sums overflows.
+    - Otherwise (CUDA, strided rates, overflow): :func:`_blocked_rate_sums` as Σ b·b per block.
+
+    Every branch is exact to any order of differentiation (``gradgradcheck``, Hessian-vector
+    products); values agree with the eager module's to float32 rounding, and to the bit where no
+    gradient is wanted or on the CPU path.
+    """
+    if not (torch.is_grad_enabled() and states.requires_grad):
+        return _rate_sum_values(states, need_sq, need_col)
+    if states.device.type == "cpu" and states.is_contiguous():
+        sums = _cpu_rate_sums_for_autograd(states, need_sq, need_col)
+        if sums is not None:
+            return sums
+    return _blocked_rate_sums(states, need_sq, need_col, False)
+
+
+def _cpu_rate_sums_for_autograd(states: Tensor, need_sq: bool, need_col: bool) -> Optional[Tuple[Tensor, Tensor]]:
+    r"""Σr² and the per-neuron sums for TorchScript on the CPU: exact values, a two-pass gradient.
+
+    Values come from :func:`_rate_sum_values` on the detached rates; the graph is attached by adding
+    :math:`q - \operatorname{detach}(q)` (exactly 0) for :math:`q = \sum_{s,i} r_{s,i}^2` taken by
+    ``mse_loss`` against zero and :math:`q_i = \sum_s r_{s,i}`. Those are the same functions of r, so
+    every derivative is theirs: :math:`\partial/\partial r = 2 g_{sq}\, r + g_{col}`, the Hessian
+    :math:`2 g_{sq} I`. ``mse_loss``'s backward writes :math:`2 g_{sq}\, r` in one pass; the
+    per-neuron sums are taken first so that autograd, which runs later operations first, adds their
+    broadcast gradient into that fresh tensor in place. Stock operations need one more full-size
+    write than the eager Function (``mse_loss``'s own temporary). Returns None when a float32 sum
+    overflows (the ``q - q`` would be NaN); the CPU reads that flag for free.
+    """
+    sumsq, colsum = _rate_sum_values(states.detach(), need_sq, need_col)
+    rows = states.view(-1, states.size(-1)).to(accumulation_dtype(states))
+    finite = torch.ones((), dtype=torch.bool)
+    col = rows.sum(0) if need_col else rows.new_zeros(())
+    sq = F.mse_loss(rows, rows.new_zeros((1, 1)).expand(rows.shape), reduction="sum") if need_sq else rows.new_zeros(())
+    if not bool(torch.isfinite(col).all() & torch.isfinite(sq)):
+        return None
+    if need_col:
+        colsum = colsum + (col - col.detach()).to(torch.float64)
+    if need_sq:
+        sumsq = sumsq + (sq - sq.detach()).to(torch.float64)
+    return sumsq, colsum
 
 
 def rate_sums(states: Tensor, need_sq: bool, need_col: bool) -> Tuple[Tensor, Tensor]:
@@ -252,11 +301,11 @@ def rate_sums(states: Tensor, need_sq: bool, need_col: bool) -> Tuple[Tensor, Te
 
     ``states`` is (…, N_hid); every leading index (batch, time, …) is a sample. Only the sums
     asked for are computed (the other is a float64 zero). Eager mode uses :class:`_RateSums`,
-    TorchScript :func:`_blocked_rate_sums`, torch.compile :func:`_plain_rate_sums`, torch.export
+    TorchScript :func:`_scripted_rate_sums`, torch.compile :func:`_plain_rate_sums`, torch.export
     :func:`_exported_rate_sums`; all of them give the same values to float32 rounding.
     """
     if torch.jit.is_scripting():
-        return _blocked_rate_sums(states, need_sq, need_col, False)
+        return _scripted_rate_sums(states, need_sq, need_col)
     if _compiling() and not _exporting():
         return _plain_rate_sums(states, need_sq, need_col)
     return _eager_or_exported_rate_sums(states, need_sq, need_col)
