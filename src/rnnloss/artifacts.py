@@ -6,7 +6,7 @@ import this module; neither imports the other.
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -93,13 +93,22 @@ def read_manifest(folder: Path) -> Dict[str, Any]:
     return manifest
 
 
-def sum_mismatches(folder: Path, manifest: Dict[str, Any]) -> List[str]:
-    """The files listed in the manifest's sha256 table that are missing or differ, as messages."""
-    problems = []
-    for name, digest in manifest["sha256"].items():
+def check_sums(folder: Path, manifest: Dict[str, Any],
+               names: Optional[Sequence[str]] = None) -> Iterator[Tuple[str, str]]:
+    """``(name, "missing")`` or ``(name, "changed")`` for each file of the manifest's sha256 table (or
+    of ``names``, each listed there) that is not a plain file in ``folder`` or whose sha256 differs,
+    in the table's (or ``names``') order, hashing one file per step: a caller may stop early."""
+    table = manifest["sha256"]
+    for name in table if names is None else names:
         path = folder / name
         if path.is_symlink() or not path.is_file():
-            problems.append(f"{name}: missing (listed in {MANIFEST})")
-        elif sha256(path) != digest:
-            problems.append(f"{name}: sha256 differs from {MANIFEST} (the file changed after the export)")
-    return problems
+            yield name, "missing"
+        elif sha256(path) != table[name]:
+            yield name, "changed"
+
+
+def sum_mismatches(folder: Path, manifest: Dict[str, Any]) -> List[str]:
+    """The files listed in the manifest's sha256 table that are missing or differ, as messages."""
+    return [f"{name}: missing (listed in {MANIFEST})" if why == "missing" else
+            f"{name}: sha256 differs from {MANIFEST} (the file changed after the export)"
+            for name, why in check_sums(folder, manifest)]

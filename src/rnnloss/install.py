@@ -42,7 +42,7 @@ import signal
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from .artifacts import MANIFEST, GENERATOR, NotAnExport, read_manifest, sha256
+from .artifacts import MANIFEST, GENERATOR, NotAnExport, check_sums, read_manifest
 
 try:
     import fcntl
@@ -107,9 +107,11 @@ def occupant(real: Path) -> Tuple[str, str]:
                                                         or not (real / e).is_file())]
     if foreign:
         return "blocked", (f"{real} holds {_names(real, foreign)} besides the export its {MANIFEST} lists")
-    for name in entries:  # a listed artifact may be missing (nothing of the user's is lost then)
-        if name != MANIFEST and sha256(real / name) != listed[name]:
-            return "blocked", f"{real}/{name} changed after the export (its sha256 differs from {MANIFEST})"
+    # A listed artifact may be missing (nothing of the user's is lost then); the first changed one blocks.
+    present = [e for e in entries if e != MANIFEST]
+    changed = next((name for name, why in check_sums(real, manifest, present) if why == "changed"), None)
+    if changed is not None:
+        return "blocked", f"{real}/{changed} changed after the export (its sha256 differs from {MANIFEST})"
     return "export", ""
 
 

@@ -520,9 +520,17 @@ class RNNLoss(nn.Module):
         if self._on[0]:
             if mask is None:
                 weight = torch.full((), float(pred.numel()), dtype=f64, device=pred.device)
+                sq_err = mean_squared_error(pred, label).to(f64) * weight
             else:
-                weight = mask.to(f64).sum() * (1 if mask.dim() == pred.dim() else pred.size(-1))
-            sq_err = mean_squared_error(pred, label, mask).to(f64) * weight
+                # Σ w·(pred − label)² and Σ w (N_out·Σ w for one weight per sample), summed as
+                # mean_squared_error sums them but once each: its quotient times Σ w would sum w twice.
+                acc = torch.promote_types(accumulation_dtype(pred), accumulation_dtype(label))
+                diff, w = pred.to(acc) - label.to(acc), mask.to(acc)
+                if mask.dim() == pred.dim():
+                    sq_err, weight = (w * diff * diff).sum(), w.sum()
+                else:
+                    sq_err, weight = (w * (diff * diff).sum(-1)).sum(), w.sum() * pred.size(-1)
+                sq_err, weight = sq_err.to(f64), weight.to(f64)
         if states is not None and self._need_states:
             samples = torch.full((), float(states.numel() // self.n_hid), dtype=f64, device=pred.device)
             sum_sq, sums = rate_sums(states, self._on[4], self._need_means)

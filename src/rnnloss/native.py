@@ -38,7 +38,7 @@ noise in training mode. :func:`load_native` reads the file back into an eager lo
 parity check and ``--verify`` do, so the file is checked like the graphs).
 """
 from pathlib import Path
-from typing import Any, Dict, Union
+from typing import Any, Dict, Optional, Sequence, Union
 
 import torch
 
@@ -100,6 +100,20 @@ def save_native(loss: RNNLoss, path: Union[str, Path]) -> None:
 _BIAS_SPEC = {"trained": True, "fixed": None, "absent": False}  # CTRNN's ``biases`` per kind
 
 
+def rebuild(active: Sequence[bool], dtype: Optional[torch.dtype], dims: Sequence[int], **options: Any) -> RNNLoss:
+    """A fresh eager loss for a recorded loss's state to be loaded into: ``CTRNN(dims, **options)``
+    in ``dtype`` (None: CTRNN's own) inside an :class:`RNNLoss` whose ``active`` components (7 bools
+    in :data:`COMPONENT_NAMES` order) have λ = 1 and the others λ = 0.
+
+    λ = 1, not the recorded λ: a component annealed to 0 before saving stays active. Serves
+    :func:`load_native` and :func:`rnnloss.scripted.from_torchscript`.
+    """
+    model = CTRNN(tuple(dims), **options)
+    if dtype is not None:
+        model = model.to(dtype)
+    return RNNLoss(model, **{name: (1.0 if on else 0.0) for name, on in zip(LAMBDA_NAMES, active)})
+
+
 def load_native(path: Union[str, Path]) -> RNNLoss:
     """An eager :class:`RNNLoss` (its model as ``.model``, in eval mode) from a file written by
     :func:`save_native`, read with ``torch.load(weights_only=True)``; the state loads strictly.
@@ -124,14 +138,12 @@ def _load_native(path: Union[str, Path]) -> RNNLoss:
     masks = {kind: [state.get(f"{prefix}_{layer}") if m[kind][k] else None for k, layer in enumerate(_LAYERS)]
              for kind, prefix in (("sparsity_masks", "sparsity"), ("ei_masks", "sign"),
                                   ("plasticity_masks", "plasticity"))}
-    model = CTRNN(tuple(m["dims"]), tau=m["tau"], dt=m["dt"], activation=m["activation"],
-                  preact_noise=m["preact_noise"], postact_noise=m["postact_noise"],
-                  biases=[_BIAS_SPEC[kind] for kind in m["biases"]], batch_first=m["batch_first"],
-                  learn_alpha=m["learn_alpha"], init_state=m["init_state"], **masks)
-    model = model.to(next(iter(state.values())).dtype) if state else model
-    model.load_state_dict(state, strict=True)
-    # λ = 1 for every active component first: one annealed to 0 before the export stays active.
-    loss = RNNLoss(model, **{name: (1.0 if on else 0.0) for name, on in zip(LAMBDA_NAMES, spec["active"])})
+    loss = rebuild(spec["active"], next(iter(state.values())).dtype if state else None, m["dims"],
+                   tau=m["tau"], dt=m["dt"], activation=m["activation"],
+                   preact_noise=m["preact_noise"], postact_noise=m["postact_noise"],
+                   biases=[_BIAS_SPEC[kind] for kind in m["biases"]], batch_first=m["batch_first"],
+                   learn_alpha=m["learn_alpha"], init_state=m["init_state"], **masks)
+    loss.model.load_state_dict(state, strict=True)
     with torch.no_grad():
         loss.lambdas.copy_(torch.tensor(spec["lambdas"], dtype=torch.float64))
     loss._check_lambdas()  # negative, NaN, or non-zero for an inactive component: ValueError now

@@ -211,6 +211,17 @@ def _compare_loss(row: Row, eager, runtime, runtime_params, shapes, device, eage
     row.checked = f"{len(shapes)} shapes (T,B) {shapes}{', with mask' if mask else ''}, values + gradients"
 
 
+def _compare_values(row: Row, eager_cpu, run: Callable, shapes, seed: int, mask: bool) -> None:
+    """Values only: ``run(inputs)`` against eager on the CPU, on CPU inputs sampled for each shape
+    (seeds ``seed``, ``seed + 1``, …)."""
+    for i, (t, b) in enumerate(shapes):
+        inputs = _inputs(eager_cpu, t, b, seed=seed + i, device="cpu", mask=mask)
+        with torch.no_grad():
+            ref = eager_cpu(*inputs)
+            got = run(inputs)
+        row.compare_loss(got, ref, eager_cpu.lambdas, inputs[2], max(inputs[0].numel(), inputs[2].numel()))
+
+
 def trainable(module) -> Dict[str, torch.Tensor]:
     """The parameters that receive gradients (nn4n's fixed zero biases and init state do not)."""
     return {name: p for name, p in module.named_parameters() if p.requires_grad}
@@ -287,12 +298,8 @@ def check_artifacts(folder: Path, eager_cpu, config: Dict[str, Any], devices: Se
         _check(rows, Row(NATIVE, "eager from the file", device), native_file)
         if device != "cpu":
             def cross_device(row, eager=eager, device=device):
-                for i, (t, b) in enumerate(shapes):
-                    inputs = _inputs(eager_cpu, t, b, seed=300 + i, device="cpu", mask=mask)
-                    with torch.no_grad():
-                        ref = eager_cpu(*inputs)
-                        got = eager(*[x.to(device) for x in inputs])
-                    row.compare_loss(got, ref, eager_cpu.lambdas, inputs[2], max(inputs[0].numel(), inputs[2].numel()))
+                _compare_values(row, eager_cpu, lambda inputs: eager(*[x.to(device) for x in inputs]),
+                                shapes, 300, mask)
                 row.checked = f"{len(shapes)} shapes, eager {device} vs eager cpu"
             _check(rows, Row("RNNLoss (eager)", "eager", f"{device} vs cpu"), cross_device)
     for provider in onnx_providers(devices):
@@ -301,13 +308,11 @@ def check_artifacts(folder: Path, eager_cpu, config: Dict[str, Any], devices: Se
             session = ort.InferenceSession(str(folder / LOSS_ONNX), providers=[provider])
             if provider not in session.get_providers():
                 raise RuntimeError(f"{provider} did not load (session has {session.get_providers()})")
-            for i, (t, b) in enumerate(shapes):
-                inputs = _inputs(eager_cpu, t, b, seed=400 + i, device="cpu", mask=mask)
-                with torch.no_grad():
-                    ref = eager_cpu(*inputs)
+
+            def run(inputs):
                 feeds = {name: x.numpy() for name, x in zip(input_names(inputs), inputs)}
-                got = [torch.from_numpy(a) for a in session.run(list(OUTPUT_NAMES), feeds)]
-                row.compare_loss(got, ref, eager_cpu.lambdas, inputs[2], max(inputs[0].numel(), inputs[2].numel()))
+                return [torch.from_numpy(a) for a in session.run(list(OUTPUT_NAMES), feeds)]
+            _compare_values(row, eager_cpu, run, shapes, 400, mask)
             row.checked = f"{len(shapes)} shapes (T,B) {shapes}{', with mask' if mask else ''}, values"
         device = "cuda" if provider == "CUDAExecutionProvider" else "cpu"
         _check(rows, Row(LOSS_ONNX, f"onnxruntime {provider.replace('ExecutionProvider', '')}", device), onnx_runtime)

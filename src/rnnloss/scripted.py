@@ -11,8 +11,9 @@ from typing import List, Optional, Union
 
 import torch
 
-from .loss import COMPONENT_NAMES, LAMBDA_NAMES, RNNLoss
-from .model import CTRNN, LAYERS
+from .loss import COMPONENT_NAMES, RNNLoss
+from .model import LAYERS
+from .native import rebuild
 
 Source = Union[str, Path, torch.jit.ScriptModule]
 
@@ -44,15 +45,13 @@ def from_torchscript(source: Source) -> RNNLoss:
     sm = scripted_loss.model
     state = {k: v.detach().cpu() for k, v in sm.state_dict().items()}
     layers = (sm.recurrent_layer.input_layer, sm.recurrent_layer.hidden_layer, sm.readout_layer)
-    model = CTRNN((sm.n_in, sm.n_hid, sm.n_out), tau=sm.tau, dt=sm.dt, activation=sm.activation,
-                  preact_noise=sm.preact_noise, postact_noise=sm.postact_noise,
-                  biases=[_linear_bias(lin) for lin in layers], weights="zero",
-                  sparsity_masks=_masks(state, "sparsity"), ei_masks=_masks(state, "sign"),
-                  plasticity_masks=_masks(state, "plasticity"), init_state=sm.init_state,
-                  learn_alpha=sm.learn_alpha, batch_first=sm.batch_first)
-    model = model.to(dtype=state["recurrent_layer.hidden_layer.weight"].dtype)
-    active = tuple(scripted_loss._on)
-    loss = RNNLoss(model, **{name: (1.0 if on else 0.0) for name, on in zip(LAMBDA_NAMES, active)})
+    loss = rebuild(tuple(scripted_loss._on), state["recurrent_layer.hidden_layer.weight"].dtype,
+                   (sm.n_in, sm.n_hid, sm.n_out), tau=sm.tau, dt=sm.dt, activation=sm.activation,
+                   preact_noise=sm.preact_noise, postact_noise=sm.postact_noise,
+                   biases=[_linear_bias(lin) for lin in layers], weights="zero",
+                   sparsity_masks=_masks(state, "sparsity"), ei_masks=_masks(state, "sign"),
+                   plasticity_masks=_masks(state, "plasticity"), init_state=sm.init_state,
+                   learn_alpha=sm.learn_alpha, batch_first=sm.batch_first)
     if list(scripted_loss.component_names) != list(COMPONENT_NAMES):
         raise ValueError(f"source's component_names {list(scripted_loss.component_names)} are not "
                          f"{list(COMPONENT_NAMES)}: it was saved by another version of rnnloss")
