@@ -76,17 +76,22 @@ def mean_squared_error(pred: Tensor, label: Tensor, mask: Optional[Tensor] = Non
     p, y = pred.to(acc), label.to(acc)
     if mask is None and not exporting:
         return F.mse_loss(p, y)
-    diff = p - y
     if mask is None:
+        diff = p - y
         return (diff * diff).sum() / diff.numel()
-    w = mask.to(acc)
-    if mask.dim() == pred.dim():
-        weighted = (w * diff * diff).sum()
-        weight = w.sum()
-    else:
-        weighted = (w * (diff * diff).sum(-1)).sum()
-        weight = w.sum() * pred.size(-1)
+    weighted, weight = weighted_error_sums(p, y, mask)
     return weighted / torch.where(weight == 0, torch.ones_like(weight), weight)
+
+
+def weighted_error_sums(p: Tensor, y: Tensor, mask: Tensor) -> Tuple[Tensor, Tensor]:
+    r"""The numerator and denominator of the masked ``mse``, in ``p``'s dtype:
+    :math:`\sum_k w_k (p_k - y_k)^2` and :math:`\sum_k w_k` (:math:`N_{out}\sum_s w_s` when the
+    mask has one weight per sample, i.e. pred's shape without its last axis)."""
+    diff = p - y
+    w = mask.to(p.dtype)
+    if mask.dim() == p.dim():
+        return (w * diff * diff).sum(), w.sum()
+    return (w * (diff * diff).sum(-1)).sum(), w.sum() * p.size(-1)
 
 
 def _neuron_sums_f64(states: Tensor) -> Tensor:
@@ -522,14 +527,8 @@ class RNNLoss(nn.Module):
                 weight = torch.full((), float(pred.numel()), dtype=f64, device=pred.device)
                 sq_err = mean_squared_error(pred, label).to(f64) * weight
             else:
-                # Σ w·(pred − label)² and Σ w (N_out·Σ w for one weight per sample), summed as
-                # mean_squared_error sums them but once each: its quotient times Σ w would sum w twice.
                 acc = torch.promote_types(accumulation_dtype(pred), accumulation_dtype(label))
-                diff, w = pred.to(acc) - label.to(acc), mask.to(acc)
-                if mask.dim() == pred.dim():
-                    sq_err, weight = (w * diff * diff).sum(), w.sum()
-                else:
-                    sq_err, weight = (w * (diff * diff).sum(-1)).sum(), w.sum() * pred.size(-1)
+                sq_err, weight = weighted_error_sums(pred.to(acc), label.to(acc), mask)
                 sq_err, weight = sq_err.to(f64), weight.to(f64)
         if states is not None and self._need_states:
             samples = torch.full((), float(states.numel() // self.n_hid), dtype=f64, device=pred.device)
