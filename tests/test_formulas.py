@@ -218,3 +218,29 @@ def test_one_dimensional_states_are_one_sample(dtype):
     pred, label, states = make_inputs(model, 1, 1)
     torch.testing.assert_close(loss(pred, label, states.reshape(3))[1], loss(pred, label, states)[1],
                                rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+@pytest.mark.parametrize("scripted", [False, True], ids=["eager", "scripted"])
+@pytest.mark.parametrize("layout", ["one_long_axis", "batch_first_view"])
+def test_spread_without_fr_at_ten_million_rates_within_the_float32_bound(layout, scripted, grad, tmp_path):
+    # Without fr only the per-neuron sums are taken (no joint sweep with Σr²), and a batch-first
+    # view is not contiguous: both once summed a whole axis in one float32 reduction (1.25e-4 off
+    # σ for (1, 156250, 64) rates of 10 + randn, bound 3.2e-5). Bound as above.
+    from conftest import script_roundtrip
+    g = torch.Generator().manual_seed(7)
+    if layout == "one_long_axis":
+        states = _rates("ten_plus_randn", (1, 156250, 64), g)
+    else:
+        states = _rates("ten_plus_randn", (125, 1250, 64), g).transpose(0, 1)
+    loss = RNNLoss(make_model((1, 64, 1)), lambda_mse=0.0, lambda_fr_sd=1.0, lambda_fr_cv=1.0)
+    if scripted:
+        loss = script_roundtrip(loss, tmp_path)
+    zeros = torch.zeros(1, 1, 1)
+    with torch.set_grad_enabled(grad):
+        comps = loss(zeros, zeros, states.requires_grad_(grad))[1].detach().double()
+    sigma, mu, floor = _spread_reference(states.detach(), 64)
+    bound = max(1e-5, 4 * floor)
+    assert comps[5].item() == pytest.approx(sigma, rel=bound, abs=0)
+    assert comps[6].item() == pytest.approx(sigma / mu, rel=bound, abs=0)

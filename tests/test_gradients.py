@@ -191,6 +191,28 @@ def test_fr_gradient_stays_finite_when_the_float32_sum_of_squares_overflows(scri
     torch.testing.assert_close(grad, torch.full_like(states, 0.5 * 2 * 1e20 / states.numel()), rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("case", ["fr", "fr_sd"])
+def test_scripted_with_gradients_gives_eager_values_where_a_float32_sum_overflows(case, tmp_path):
+    # fr: every rate 9e18, so fr = 8.1e37 fits float32 but Σr² over the 256 rates does not.
+    # fr_sd: neuron means 1e33 and 2e33 (σ = 5e32) over 2^19 + 1 samples: float32 column sums over
+    # all samples overflow. The scripted gradient path then takes its graph's sums in float64.
+    if case == "fr":
+        loss = RNNLoss(make_model((1, 4, 1)), lambda_mse=0.0, lambda_fr=1.0)
+        states, index, want = torch.full((64, 4), 9e18), 4, 9e18 ** 2
+    else:
+        loss = RNNLoss(make_model((1, 2, 1)), lambda_mse=0.0, lambda_fr_sd=1.0)
+        states, index, want = torch.tensor([1e33, 2e33]).repeat(2 ** 19 + 1, 1), 5, 5e32
+    scripted = script_roundtrip(loss, tmp_path)
+    zeros = torch.zeros(1, 1, 1)
+    states.requires_grad_(True)
+    got_e, got_s = loss(zeros, zeros, states)[1][index], scripted(zeros, zeros, states)[1][index]
+    assert got_e.item() == pytest.approx(want, rel=1e-6)  # float32 rounding of the inputs and result
+    assert got_s.item() == got_e.item()
+    (grad_e,), (grad_s,) = torch.autograd.grad(got_e, states), torch.autograd.grad(got_s, states)
+    assert torch.isfinite(grad_s).all()
+    torch.testing.assert_close(grad_s, grad_e, rtol=1e-5, atol=0)
+
+
 def test_per_sample_gradients_with_torch_func_equal_a_loop_over_samples():
     # torch.func.vmap(grad(...)) goes through the eager fast path's autograd Function.
     from torch.func import grad, vmap

@@ -87,8 +87,8 @@ def test_hessian_vector_product_equals_autograd_of_the_formulas(active, scripted
         assert (a - r).abs().max().item() <= 1e-10 * scale + 1e-14, name
 
 
-# The scripted module takes its rate sums one way for contiguous CPU rates and another (blocks, as on
-# CUDA) for strided ones: "scripted-strided" passes the rates as a transposed view to reach the latter.
+# "scripted-strided" passes the rates as a transposed view, which the scripted module reads with its
+# sample axes permuted into memory order (see also test_blocked_rate_sums_... for its CUDA path).
 @pytest.mark.parametrize("scripted", [False, True, "strided"], ids=["eager", "scripted", "scripted-strided"])
 @pytest.mark.parametrize("active", [(4,), (4, 5), (5, 6), (0, 4, 5, 6), tuple(range(7))],
                          ids=lambda a: "+".join(NAMES[i] for i in a))
@@ -147,3 +147,27 @@ def test_forward_mode_hessian_equals_autograd_of_the_formulas():
     ref = torch.autograd.functional.hessian(
         lambda s: formula_components(pred, label, s, *weights, lambdas).sum(), states)
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-14)
+
+
+def test_blocked_rate_sums_taken_by_the_scripted_module_on_cuda_are_exact_to_second_order():
+    # TorchScript on CUDA (and for inf/NaN rates) takes the sums as Σ b·b and column sums on blocks
+    # of 2^20 rates. N_hid = 2^19 makes a block 2 rows, so 3 rows give two blocks and split's
+    # backward joins them. Reference: autograd of the sums written out, float64; the result is a
+    # few sums of 1.5 M terms, so 1e-12 relative leaves room for their rounding (~1e-16 · √n).
+    from rnnloss.loss import _blocked_rate_sums
+
+    g = torch.Generator().manual_seed(5)
+    states = torch.rand(3, 1, 2 ** 19, generator=g, dtype=torch.float64, requires_grad=True)
+    weights = torch.rand(2 ** 19, generator=g, dtype=torch.float64)
+    vector = torch.randn(states.shape, generator=g, dtype=torch.float64)
+
+    def hvp(sums_of):
+        sumsq, colsum = sums_of(states)
+        f = 0.3 * sumsq + (weights * colsum * colsum).sum() + sumsq * colsum.sum()
+        (grad,) = torch.autograd.grad(f, states, create_graph=True)
+        (out,) = torch.autograd.grad((grad * vector).sum(), states)
+        return out
+
+    got = hvp(lambda s: _blocked_rate_sums(s, True, True, False))
+    want = hvp(lambda s: ((s * s).sum(), s.sum(dim=(0, 1))))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)

@@ -94,29 +94,49 @@ def weighted_error_sums(p: Tensor, y: Tensor, mask: Tensor) -> Tuple[Tensor, Ten
     return (w * (diff * diff).sum(-1)).sum(), w.sum() * p.size(-1)
 
 
+def _samples_in_memory_order(states: Tensor) -> Tensor:
+    """``states`` with its leading (sample) axes permuted into memory order, largest stride first.
+
+    A transposed view — the batch-first rates of a time-first model, or the reverse — becomes
+    contiguous, so it can be read as (samples, N_hid) rows without a copy. Every statistic here is
+    a sum over samples, which does not depend on their order; the permutation is a view and
+    gradients flow through it unchanged.
+    """
+    if states.dim() <= 2 or states.is_contiguous():
+        return states
+    strides = states.stride()
+    order: List[int] = []
+    for axis in range(states.dim() - 1):  # insertion sort, stable: descending stride
+        at = len(order)
+        while at > 0 and strides[order[at - 1]] < strides[axis]:
+            at -= 1
+        order.insert(at, axis)
+    order.append(states.dim() - 1)
+    return states.permute(order)
+
+
 def _neuron_sums_f64(states: Tensor) -> Tensor:
     r"""Per-neuron sums :math:`\sum_s r_{s,i}` in float64, accurate for float32 rates at 10^7.
 
-    Every leading axis but the first is summed in the rates' accumulation dtype (short sums), then
-    blocks of 1024 rows (each block sum float32-exact to ~1e-7), and the block sums are added in
-    float64. Differentiable.
+    The rates are read as (samples, N_hid) rows (a view when :func:`_samples_in_memory_order`
+    makes them contiguous, a copy otherwise); blocks of 1024 rows are summed in the accumulation
+    dtype (each block sum float32-exact to ~1e-7) and the block sums added in float64.
+    Differentiable.
     """
     block = 1024
     acc = accumulation_dtype(states)
     n_hid = states.size(-1)
     if states.dim() == 1:
         return states.to(torch.float64, copy=True)  # a fresh tensor even for float64 rates
-    part = states
-    if states.dim() > 2:
-        part = states.sum(dim=list(range(1, states.dim() - 1)), dtype=acc)
-    rows = part.size(0)
-    blocks = rows // block
+    rows = _samples_in_memory_order(states).reshape(-1, n_hid)
+    count = rows.size(0)
+    blocks = count // block
     if blocks <= 1:
-        return part.to(torch.float64).sum(0)
-    head = part.narrow(0, 0, blocks * block).reshape(blocks, block, n_hid).sum(1, dtype=acc)
+        return rows.to(torch.float64).sum(0)
+    head = rows.narrow(0, 0, blocks * block).reshape(blocks, block, n_hid).sum(1, dtype=acc)
     total = head.to(torch.float64).sum(0)
-    if blocks * block < rows:
-        total = total + part.narrow(0, blocks * block, rows - blocks * block).to(torch.float64).sum(0)
+    if blocks * block < count:
+        total = total + rows.narrow(0, blocks * block, count - blocks * block).to(torch.float64).sum(0)
     return total
 
 
@@ -232,14 +252,16 @@ class _RateSums(torch.autograd.Function):
 def _rate_sum_values(states: Tensor, need_sq: bool, need_col: bool) -> Tuple[Tensor, Tensor]:
     """The values of Σr² and the per-neuron sums (float64), fast and accurate; for a graph, see callers.
 
-    With both sums wanted and contiguous float32/16 rates, :func:`_blocked_rate_sums` with row norms
+    With both sums wanted and float32/16 rates contiguous in some order of their sample axes
+    (:func:`_samples_in_memory_order`), :func:`_blocked_rate_sums` with row norms
     (one sweep through memory); otherwise Σr² as float64 sums of squared row norms (``vector_norm``:
     one read, no temporary; float64 rates: a plain sum of squares) and the per-neuron sums by
     :func:`_neuron_sums_f64`. Used by the eager forward and, without gradients, by TorchScript, so
     both give the same values to the bit.
     """
-    if need_sq and need_col and states.dtype != torch.float64 and states.is_contiguous():
-        return _blocked_rate_sums(states, True, True, row_norms=True)
+    rows = _samples_in_memory_order(states)
+    if need_sq and need_col and states.dtype != torch.float64 and rows.is_contiguous():
+        return _blocked_rate_sums(rows, True, True, row_norms=True)
     zero = torch.zeros((), dtype=torch.float64, device=states.device)
     sumsq, colsum = zero, zero
     if need_sq and states.dtype == torch.float64:
@@ -257,9 +279,9 @@ def _scripted_rate_sums(states: Tensor, need_sq: bool, need_col: bool) -> Tuple[
     :func:`_rate_sum_values`, and plain differentiable operations where a gradient is wanted.
 
     - No gradient wanted (``no_grad`` or rates that do not require grad): :func:`_rate_sum_values`.
-    - CPU, contiguous rates: :func:`_cpu_rate_sums_for_autograd` (the gradient written in two
-      full-size passes), unless one of its float32 sums overflows.
-    - Otherwise (CUDA, strided rates, overflow): :func:`_blocked_rate_sums` as Σ b·b per block.
+    - CPU: :func:`_cpu_rate_sums_for_autograd` (the gradient written in two full-size passes).
+    - CUDA, or rates holding inf or NaN: :func:`_blocked_rate_sums` as Σ b·b per block (no
+      host–device synchronisation; inf and NaN propagate as through any plain sum).
 
     Every branch is exact to any order of differentiation (``gradgradcheck``, Hessian-vector
     products); values agree with the eager module's to float32 rounding, and to the bit where no
@@ -267,7 +289,7 @@ def _scripted_rate_sums(states: Tensor, need_sq: bool, need_col: bool) -> Tuple[
     """
     if not (torch.is_grad_enabled() and states.requires_grad):
         return _rate_sum_values(states, need_sq, need_col)
-    if states.device.type == "cpu" and states.is_contiguous():
+    if states.device.type == "cpu":
         sums = _cpu_rate_sums_for_autograd(states, need_sq, need_col)
         if sums is not None:
             return sums
@@ -284,21 +306,30 @@ def _cpu_rate_sums_for_autograd(states: Tensor, need_sq: bool, need_col: bool) -
     :math:`2 g_{sq} I`. ``mse_loss``'s backward writes :math:`2 g_{sq}\, r` in one pass; the
     per-neuron sums are taken first so that autograd, which runs later operations first, adds their
     broadcast gradient into that fresh tensor in place. Stock operations need one more full-size
-    write than the eager Function (``mse_loss``'s own temporary). Returns None when a float32 sum
-    overflows (the ``q - q`` would be NaN); the CPU reads that flag for free.
+    write than the eager Function (``mse_loss``'s own temporary). When a float32 q overflows (rates
+    near 1e19 and beyond; ``q - q`` would be NaN) both are taken again in float64; returns None when
+    they are still not finite (inf or NaN rates). The CPU reads that flag for free.
     """
     sumsq, colsum = _rate_sum_values(states.detach(), need_sq, need_col)
-    rows = states.view(-1, states.size(-1)).to(accumulation_dtype(states))
-    finite = torch.ones((), dtype=torch.bool)
-    col = rows.sum(0) if need_col else rows.new_zeros(())
-    sq = F.mse_loss(rows, rows.new_zeros((1, 1)).expand(rows.shape), reduction="sum") if need_sq else rows.new_zeros(())
+    rows = _samples_in_memory_order(states).reshape(-1, states.size(-1)).to(accumulation_dtype(states))
+    col, sq = _sums_for_autograd(rows, need_sq, need_col)
     if not bool(torch.isfinite(col).all() & torch.isfinite(sq)):
-        return None
+        col, sq = _sums_for_autograd(rows.to(torch.float64), need_sq, need_col)
+        if not bool(torch.isfinite(col).all() & torch.isfinite(sq)):
+            return None
     if need_col:
         colsum = colsum + (col - col.detach()).to(torch.float64)
     if need_sq:
         sumsq = sumsq + (sq - sq.detach()).to(torch.float64)
     return sumsq, colsum
+
+
+def _sums_for_autograd(rows: Tensor, need_sq: bool, need_col: bool) -> Tuple[Tensor, Tensor]:
+    """The per-neuron sums (first: see :func:`_cpu_rate_sums_for_autograd`) and Σr² of (samples, N_hid)
+    rows as differentiable operations in their dtype; a zero for a sum not wanted."""
+    col = rows.sum(0) if need_col else rows.new_zeros(())
+    sq = F.mse_loss(rows, rows.new_zeros((1, 1)).expand(rows.shape), reduction="sum") if need_sq else rows.new_zeros(())
+    return col, sq
 
 
 def rate_sums(states: Tensor, need_sq: bool, need_col: bool) -> Tuple[Tensor, Tensor]:
