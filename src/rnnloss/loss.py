@@ -9,12 +9,16 @@ How the sums are taken (accuracy and speed; measured in BENCHMARKS.md):
   neurons): Σ r² and the per-neuron sums Σ_s r_{s,i}. Both are accumulated so that float32 rates
   keep the contract's accuracy at 10^7 elements: Σ r² as squared row norms (N terms each) added in
   float64; the per-neuron sums over blocks of rows in the rates' dtype, the block sums added in
-  float64 (:func:`rate_sums`).
+  float64 (:func:`rate_sums`). The sample axes are read in memory order, so a transposed view
+  (batch-first rates) costs no copy.
 - Eager mode wraps those sums in an autograd Function whose backward writes the gradient
   :math:`2 g_{sq}\, r + g_{col}` in one fused pass; that backward is itself made of differentiable
   operations, so second-order gradients (Hessian-vector products, gradient penalties) are exact.
-- TorchScript runs the same sums as differentiable operations on cache-sized blocks (it cannot
-  compile an autograd Function); ``torch.compile`` gets them as plain operations and fuses them.
+- TorchScript (it cannot compile an autograd Function) takes the eager forward's values and, where
+  a gradient is wanted, attaches stock differentiable operations that are the same functions of
+  the rates (:func:`_scripted_rate_sums`): on the CPU at the cost of one more full-size write than
+  eager, on CUDA as sums on cache-sized blocks. ``torch.compile`` gets plain operations and fuses
+  them.
 - ``torch.export`` (and so the ONNX exporter) gets the sums in float64 throughout: other runtimes
   (ONNX Runtime) add long reductions sequentially, which in float32 misses the accuracy bound.
 """
@@ -148,7 +152,7 @@ def _blocked_rate_sums(states: Tensor, need_sq: bool, need_col: bool, row_norms:
     (cascade sums: ~1e-7 relative), block results are added in float64; a single block keeps
     float64 column sums (exact for float32 rates: equal neurons stay equal). Σ b² is taken as
     squared row norms with ``row_norms`` (values only: no temporary, not twice differentiable at a
-    zero row) or as Σ b·b (TorchScript on CUDA or strided rates: differentiable to any order, a
+    zero row) or as Σ b·b (TorchScript on CUDA or for inf/NaN rates: differentiable to any order, a
     block-sized temporary that stays in the cache; ``split``'s backward concatenates the block
     gradients once).
     """
