@@ -8,6 +8,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -46,6 +47,11 @@ def one_line(err):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in err, err
     return lines[0]
+
+
+def names(line, path):
+    """Whether ``line`` names ``path`` itself, not merely something inside it."""
+    return re.search(re.escape(str(path)) + r"(?![\w/.-])", line) is not None
 
 
 def tree(folder):
