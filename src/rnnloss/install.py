@@ -31,8 +31,9 @@ Rules (what ``rnnloss-export`` promises):
   The ``.lock`` file is created first and held with ``flock`` for the run's lifetime; the
   kernel drops the lock when the process dies, however it dies. The next run removes a set of
   entries only when it can take that lock *and* the PID in its name is not running — a
-  concurrent live run holds its lock and is never touched. (Without ``fcntl``, i.e. on
-  Windows, leftovers are not removed automatically.)
+  concurrent live run holds its lock and is never touched. A set this user may not remove
+  (another user's) is left alone; it blocks nothing, since every run has names of its own.
+  (Without ``fcntl``, i.e. on Windows, leftovers are not removed automatically.)
 
 ``RNNLOSS_EXPORT_TEST_KILL_AT=<step>`` makes the process SIGKILL itself at that step of the
 sequence (:data:`STEPS`); the test suite uses it to prove the guarantees above. It is read
@@ -214,8 +215,9 @@ def clean_leftovers(real: Path) -> List[str]:
     """Remove the temporary entries of killed runs for the target ``real``; returns their names.
 
     An entry set ``.NAME.rnnloss-PID-RANDOM.*`` is removed only when its lock can be taken and
-    PID is not running. A dead run's ``.old`` (the fallback path died between its two renames)
-    is renamed back to ``real`` when ``real`` is missing, so the old export returns.
+    PID is not running, and left when removing it fails. A dead run's ``.old`` (the fallback path
+    died between its two renames) is renamed back to ``real`` when ``real`` is missing, so the
+    old export returns.
     """
     if fcntl is None:  # pragma: no cover
         return []
@@ -253,6 +255,8 @@ def clean_leftovers(real: Path) -> List[str]:
             if fd is not None:
                 os.unlink(lock)
                 removed.append(lock.name)
+        except OSError:
+            continue  # this user may not remove it (another user's, say): it is left, and blocks nothing
         finally:
             if fd is not None:
                 os.close(fd)
@@ -346,7 +350,7 @@ class Workspace:
             return
         if self.use_exchange and exchange(self.tmp, dest):
             kill_point("swapped")
-            self._remove(self.tmp)  # now the old export
+            old = self.tmp  # now the old export
         else:
             os.rename(dest, self.old)
             try:
@@ -356,7 +360,12 @@ class Workspace:
                 os.rename(self.old, dest)  # put the old one back before anything else
                 raise
             kill_point("swapped")
-            self._remove(self.old)
+            old = self.old
+        try:
+            self._remove(old)
+        except OSError as e:  # checked before, so only if its permissions changed during the run
+            raise InTheWay(f"{label}: the new export is in place, but the earlier one could not be deleted "
+                           f"({e.filename}: {e.strerror}); it is left in {old}") from None
         kill_point("old-removed")
 
     @staticmethod
