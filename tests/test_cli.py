@@ -8,6 +8,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -46,6 +47,11 @@ def one_line(err):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in err, err
     return lines[0]
+
+
+def names(line, path):
+    """Whether ``line`` names ``path`` itself, not merely something inside it."""
+    return re.search(re.escape(str(path)) + r"(?![\w/.-])", line) is not None
 
 
 def tree(folder):
@@ -321,6 +327,41 @@ def test_resource_errors_exit_2_in_one_line_and_leave_nothing(fault, tmp_path, f
     status, _, err = run_main(["--out", "new/deeper/out", "--device", "cpu"], tmp_path, fake, capsys)
     assert status == 2 and expected in one_line(err)
     assert list(tmp_path.iterdir()) == []  # the parent folders it made are gone too
+
+
+def test_an_earlier_export_that_cannot_be_deleted_after_the_swap_is_named_and_blocks_no_later_run(
+        tmp_path, fake, capsys):
+    # The swap re-checks that the earlier export may be deleted; should deleting it fail even so
+    # (its permissions changed in between), the line says where it is, and later runs go on.
+    old = write_fake_export(tmp_path / "out")
+    stuck = []
+
+    def refuse(folder):
+        stuck.append(folder)
+        raise PermissionError(errno.EACCES, "Permission denied", str(folder / MANIFEST))
+    rmtree = shutil.rmtree
+
+    def rmtree_sparing_stuck(path, ignore_errors=False, **kwargs):
+        if Path(path) not in stuck:
+            return rmtree(path, ignore_errors=ignore_errors, **kwargs)
+        if not ignore_errors:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+    remove = install.Workspace.__dict__["_remove"]  # the staticmethod itself
+    fake.setattr(install.Workspace, "_remove", staticmethod(refuse))
+    fake.setattr(shutil, "rmtree", rmtree_sparing_stuck)
+    status, _, err = run_main(["--out", "out", "--force", "--device", "cpu"], tmp_path, fake, capsys)
+    assert status == 2 and names(one_line(err), stuck[0]), err
+    assert marker_of(tmp_path / "out") == "new" and tree(stuck[0]) == old
+    # As left by a run that has ended (this process is still running, so its own are skipped):
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    pid = re.search(r"rnnloss-(\d+)-", stuck[0].name).group(1)
+    stuck.append(stuck[0].rename(stuck[0].with_name(stuck[0].name.replace(f"-{pid}-", f"-{ended.pid}-"))))
+    fake.setattr(install.Workspace, "_remove", remove)
+    fake.setattr(export, "write_artifacts", fake_write("newer"))
+    status, _, err = run_main(["--out", "out", "--force", "--device", "cpu"], tmp_path, fake, capsys)
+    assert status == 0, err
+    assert marker_of(tmp_path / "out") == "newer" and leftovers(tmp_path) == [stuck[-1].name]
 
 
 def test_unexplained_error_is_a_bug_exit_3_with_traceback(tmp_path, fake, capsys):

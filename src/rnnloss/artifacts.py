@@ -66,6 +66,10 @@ class NotAnExport(Exception):
     """``folder`` has no readable manifest written by this command; ``str()`` says why."""
 
 
+class Unreadable(NotAnExport):
+    """The manifest is there but cannot be read (no permission, say): what the folder is, is unknown."""
+
+
 def read_manifest(folder: Path) -> Dict[str, Any]:
     """The folder's manifest, checked for the keys an export always has (raises NotAnExport)."""
     path = folder / MANIFEST
@@ -73,8 +77,10 @@ def read_manifest(folder: Path) -> Dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise NotAnExport(f"{folder} has no {MANIFEST}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise NotAnExport(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    except OSError as e:
+        raise Unreadable(f"cannot read {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise NotAnExport(f"cannot read {path}: {e}") from None
     try:
         manifest = json.loads(text)
     except (ValueError, RecursionError):

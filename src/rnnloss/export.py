@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import signal
+import stat
 import sys
 import traceback
 import warnings
@@ -250,12 +251,6 @@ def _rejected(ws: "install.Workspace", real: Path, keep: bool) -> str:
     return f"the rejected artifacts are in {dest}"
 
 
-def _existing_ancestor(folder: Path) -> Path:
-    while not folder.exists() and folder.parent != folder:
-        folder = folder.parent
-    return folder
-
-
 @contextlib.contextmanager
 def _parents_made(folder: Path):
     """Create ``folder`` and its missing parents; remove those again (if still empty) when the
@@ -292,7 +287,7 @@ def run(config: Dict[str, Any], out: Path, *, force: bool, device: str, keep_rej
     real = install.resolve_out(out)
     install.check_target(real, f"--out {out}", force)  # before the minutes of exporting
     require_onnx()
-    check_resources(config, _existing_ancestor(real.parent))
+    check_resources(config, install.existing_ancestor(real.parent))
     with _parents_made(real.parent), install.Workspace(real, use_exchange=use_exchange) as ws:
         manifest = write_artifacts(config, ws.tmp)
         install.kill_point("written")
@@ -316,12 +311,18 @@ def verify(folder: Path, *, device: str, stream=None) -> int:
 
     Returns 0 when every check holds and 1 when one does not (each failing file named on
     ``stream``); raises UserError when ``folder`` is unusable (no folder, no manifest of this
-    command, an invalid config in it). Parity compares with the eager model rebuilt from the
+    command, an invalid config in it) or this user may not read it or a file it lists. Parity compares with the eager model rebuilt from the
     manifest's config and seed, as the export did.
     """
     stream = stream or sys.stdout
     folder = Path(folder)
-    if not folder.is_dir():
+    try:
+        is_folder = stat.S_ISDIR(os.stat(folder).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        is_folder = False
+    except OSError as e:  # e.g. a folder above it that this user may not enter
+        raise UserError(f"--verify {folder}: cannot read {e.filename}: {e.strerror}") from None
+    if not is_folder:
         raise UserError(f"--verify {folder}: not a folder")
     try:
         manifest = read_manifest(folder)
@@ -331,7 +332,10 @@ def verify(folder: Path, *, device: str, stream=None) -> int:
         config = config_mod.validate(manifest.get("config"))
     except config_mod.ConfigError as e:
         raise UserError(f"--verify {folder}: the config in {MANIFEST} is invalid: {e}") from None
-    problems = sum_mismatches(folder, manifest)
+    try:
+        problems = sum_mismatches(folder, manifest)
+    except OSError as e:  # a file this user may not read: nothing can be said about it
+        raise UserError(f"--verify {folder}: cannot read {e.filename}: {e.strerror}") from None
     checked = [name for name in ARTIFACTS if name != MANIFEST]
     problems += [f"{name}: not listed in {MANIFEST}'s sha256 table" for name in checked if name not in manifest["sha256"]]
     require_onnx()

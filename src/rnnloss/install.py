@@ -6,6 +6,11 @@ Rules (what ``rnnloss-export`` promises):
   the link itself is left as it is, so a symlinked ``--out`` obeys exactly the rules below for the
   folder it points to; a dangling link gets its target created. ``--out`` may not be the current
   folder or one above it (replacing it would pull the folder from under the shell).
+- The user must be allowed to do all of it, which is checked before any work: create entries in
+  the folder that holds the target (or in the nearest existing folder above, when folders are
+  missing), rename the target there (a sticky folder such as ``/tmp`` lets only the owner of an
+  entry rename it), read the earlier export to check it, and delete its files. Otherwise the
+  target is :class:`InTheWay` too, naming the folder or file that refuses.
 - Without ``--force`` the target must be missing or an empty folder. With ``--force`` it may also
   be an earlier export of this command: a ``manifest.json`` written by it, every other entry a
   plain file the manifest lists, and each of those unchanged since (its sha256 matches). Anything
@@ -26,8 +31,9 @@ Rules (what ``rnnloss-export`` promises):
   The ``.lock`` file is created first and held with ``flock`` for the run's lifetime; the
   kernel drops the lock when the process dies, however it dies. The next run removes a set of
   entries only when it can take that lock *and* the PID in its name is not running — a
-  concurrent live run holds its lock and is never touched. (Without ``fcntl``, i.e. on
-  Windows, leftovers are not removed automatically.)
+  concurrent live run holds its lock and is never touched. A set this user may not remove
+  (another user's) is left alone; it blocks nothing, since every run has names of its own.
+  (Without ``fcntl``, i.e. on Windows, leftovers are not removed automatically.)
 
 ``RNNLOSS_EXPORT_TEST_KILL_AT=<step>`` makes the process SIGKILL itself at that step of the
 sequence (:data:`STEPS`); the test suite uses it to prove the guarantees above. It is read
@@ -39,10 +45,11 @@ import os
 import secrets
 import shutil
 import signal
+import stat
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from .artifacts import MANIFEST, GENERATOR, NotAnExport, check_sums, read_manifest
+from .artifacts import MANIFEST, GENERATOR, NotAnExport, Unreadable, check_sums, read_manifest
 
 try:
     import fcntl
@@ -88,18 +95,24 @@ def _names(folder: Path, entries: List[str]) -> str:
 
 def occupant(real: Path) -> Tuple[str, str]:
     """What is at ``real``: ``("free", "")`` (missing or empty folder), ``("export", "")`` (an
-    earlier export, nothing else in it, unchanged) or ``("blocked", why)``."""
+    earlier export, nothing else in it, unchanged), ``("blocked", why)`` or ``("unreadable", why)``
+    (the user may not read what is there, so it cannot be checked)."""
     if not os.path.lexists(real):
         return "free", ""
     if real.is_symlink():  # only a symlink loop survives realpath
         return "blocked", f"{real} is a symlink (a loop, or a link where a folder is needed)"
     if not real.is_dir():
         return "blocked", f"{real} is a file, not a folder"
-    entries = sorted(os.listdir(real))
+    try:
+        entries = sorted(os.listdir(real))
+    except OSError as e:
+        return "unreadable", f"cannot read {real}: {e.strerror}"
     if not entries:
         return "free", ""
     try:
         manifest = read_manifest(real)
+    except Unreadable as e:
+        return "unreadable", str(e)
     except NotAnExport as e:
         return "blocked", f"{real} holds {_names(real, entries)}: not an export of {GENERATOR} ({e})"
     listed = manifest["sha256"]
@@ -109,10 +122,66 @@ def occupant(real: Path) -> Tuple[str, str]:
         return "blocked", (f"{real} holds {_names(real, foreign)} besides the export its {MANIFEST} lists")
     # A listed artifact may be missing (nothing of the user's is lost then); the first changed one blocks.
     present = [e for e in entries if e != MANIFEST]
-    changed = next((name for name, why in check_sums(real, manifest, present) if why == "changed"), None)
+    try:
+        changed = next((name for name, why in check_sums(real, manifest, present) if why == "changed"), None)
+    except OSError as e:
+        return "unreadable", f"cannot read {e.filename}: {e.strerror}, so it cannot be checked against {MANIFEST}"
     if changed is not None:
         return "blocked", f"{real}/{changed} changed after the export (its sha256 differs from {MANIFEST})"
     return "export", ""
+
+
+def existing_ancestor(path: Path) -> Path:
+    """``path`` itself or the nearest folder above it that exists (for this user: one it may see)."""
+    while not os.path.lexists(path) and path.parent != path:
+        path = path.parent
+    return path
+
+
+def _unwritable(folder: Path) -> str:
+    """Why this user may not create, rename or delete entries in ``folder``; empty when it may."""
+    if os.access(folder, os.W_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids):
+        return ""
+    try:
+        if os.statvfs(folder).f_flag & os.ST_RDONLY:
+            return f"{folder} is on a read-only file system"
+    except (OSError, AttributeError):  # AttributeError: no statvfs (Windows)
+        pass
+    return f"no permission to write in {folder}"
+
+
+def _sticky_refuses(folder: Path, entry: Path) -> bool:
+    """Whether sticky ``folder`` (like /tmp) keeps this user from renaming or deleting ``entry``:
+    only the owner of the entry or of the folder (or root) may."""
+    euid = os.geteuid() if hasattr(os, "geteuid") else 0
+    if euid == 0:
+        return False
+    st = os.stat(folder)
+    return bool(st.st_mode & stat.S_ISVTX) and euid not in (st.st_uid, os.lstat(entry).st_uid)
+
+
+def permission_problem(real: Path, kind: str) -> str:
+    """Why this user may not install an export at ``real``, holding ``kind`` (see :func:`occupant`);
+    empty when nothing stands in the way."""
+    folder = existing_ancestor(real.parent)
+    if not folder.is_dir():
+        return f"{folder} is a file, not a folder"
+    why = _unwritable(folder)
+    if why:
+        if folder != real.parent:
+            return f"cannot create {real.parent}: {why}"
+        return f"{why} (the export is built beside {real.name} and renamed into place)"
+    if os.path.lexists(real) and _sticky_refuses(real.parent, real):
+        return (f"{real} belongs to another user and {real.parent} is sticky (like /tmp): only the owner may "
+                "replace it")
+    if kind == "export":
+        why = _unwritable(real)
+        if why:
+            return f"cannot delete the earlier export: {why}"
+        theirs = next((e for e in sorted(os.listdir(real)) if _sticky_refuses(real, real / e)), None)
+        if theirs is not None:
+            return f"cannot delete the earlier export: {real}/{theirs} belongs to another user and {real} is sticky"
+    return ""
 
 
 def check_target(real: Path, label: str, force: bool) -> str:
@@ -122,8 +191,13 @@ def check_target(real: Path, label: str, force: bool) -> str:
     if kind == "blocked":
         raise InTheWay(f"{label}: {why}; nothing was changed (--force replaces only an empty folder "
                        "or an earlier, unmodified export)")
+    if kind == "unreadable":
+        raise InTheWay(f"{label}: {why}; nothing was changed")
     if kind == "export" and not force:
         raise InTheWay(f"{label} holds an earlier export; pass --force to replace it")
+    why = permission_problem(real, kind)
+    if why:
+        raise InTheWay(f"{label}: {why}; nothing was changed")
     return kind
 
 
@@ -141,8 +215,9 @@ def clean_leftovers(real: Path) -> List[str]:
     """Remove the temporary entries of killed runs for the target ``real``; returns their names.
 
     An entry set ``.NAME.rnnloss-PID-RANDOM.*`` is removed only when its lock can be taken and
-    PID is not running. A dead run's ``.old`` (the fallback path died between its two renames)
-    is renamed back to ``real`` when ``real`` is missing, so the old export returns.
+    PID is not running, and left when removing it fails. A dead run's ``.old`` (the fallback path
+    died between its two renames) is renamed back to ``real`` when ``real`` is missing, so the
+    old export returns.
     """
     if fcntl is None:  # pragma: no cover
         return []
@@ -180,6 +255,8 @@ def clean_leftovers(real: Path) -> List[str]:
             if fd is not None:
                 os.unlink(lock)
                 removed.append(lock.name)
+        except OSError:
+            continue  # this user may not remove it (another user's, say): it is left, and blocks nothing
         finally:
             if fd is not None:
                 os.close(fd)
@@ -273,7 +350,7 @@ class Workspace:
             return
         if self.use_exchange and exchange(self.tmp, dest):
             kill_point("swapped")
-            self._remove(self.tmp)  # now the old export
+            old = self.tmp  # now the old export
         else:
             os.rename(dest, self.old)
             try:
@@ -283,7 +360,12 @@ class Workspace:
                 os.rename(self.old, dest)  # put the old one back before anything else
                 raise
             kill_point("swapped")
-            self._remove(self.old)
+            old = self.old
+        try:
+            self._remove(old)
+        except OSError as e:  # checked before, so only if its permissions changed during the run
+            raise InTheWay(f"{label}: the new export is in place, but the earlier one could not be deleted "
+                           f"({e.filename}: {e.strerror}); it is left in {old}") from None
         kill_point("old-removed")
 
     @staticmethod
