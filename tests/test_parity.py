@@ -9,6 +9,7 @@ import torch
 
 from rnnloss import export, parity
 from rnnloss.config import validate
+from rnnloss.loss import FLOAT32_MAX
 
 ALL_RATES = {"lambda_mse": 1, "lambda_in": 0.1, "lambda_hid": 0.1, "lambda_out": 0.1,
              "lambda_fr": 1, "lambda_fr_sd": 1, "lambda_fr_cv": 1}
@@ -100,3 +101,89 @@ def test_small_and_odd_configs_pass_their_own_parity(tmp_path, name):
     assert status == 0, table.getvalue()
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert ("mask" in manifest["inputs"]) == bool(ODD_CONFIGS[name].get("mask"))
+
+
+# Overflow. Any λ up to float32's largest value is accepted, so a component or a gradient may leave float32's
+# range (λ · a raw value > 1); two runtimes that both give the same infinity agree, one that gives an infinity
+# or a NaN where the other has a number does not. Each case: (eager, runtime, whether they agree) as float32
+# gradients compared normwise at rtol 1e-4.
+INF, NAN = math.inf, math.nan
+OVERFLOW_CASES = {
+    "the_same_infinity": ([1.0, INF], [1.0, INF], True),
+    "nan_at_the_same_entry": ([1.0, NAN], [1.0, NAN], True),
+    # float32's largest value and +inf are one rounding apart (the sum rounded to either side of 2^128 − 2^103)
+    "largest_float32_against_inf": ([FLOAT32_MAX], [INF], True),
+    "inf_where_eager_is_finite": ([1e38], [INF], False),
+    "finite_where_eager_is_inf": ([INF], [1e38], False),
+    "opposite_infinities": ([-INF], [INF], False),
+    "nan_where_eager_has_a_number": ([1.0, 2.0], [1.0, NAN], False),
+    "a_number_where_eager_has_nan": ([1.0, NAN], [1.0, 2.0], False),
+    # the norm of the comparison is that of the finite entries: an infinity elsewhere must not hide an error
+    "finite_entry_off_beside_an_inf": ([1.0, INF], [2.0, INF], False),
+}
+
+
+@pytest.mark.parametrize("case", list(OVERFLOW_CASES))
+def test_infinities_agree_only_with_the_same_infinity_and_nan_only_with_nan(case):
+    ref, got, agree = OVERFLOW_CASES[case]
+    row = parity.Row("fake", case, "cpu")
+    try:
+        row.compare_gradient(torch.tensor(got), torch.tensor(ref), 1e-4)
+    except AssertionError as e:  # NaN at other entries: reported in the table as the row's error
+        row.error = str(e)
+    assert row.passed == agree, (row.max_abs, row.worst, row.error)
+
+
+@pytest.fixture(scope="module")
+def eager_at_float32_max():
+    lambdas = {**ALL_RATES, "lambda_mse": FLOAT32_MAX, "lambda_fr": FLOAT32_MAX}
+    return export.build(validate({"model": {"dims": [3, 32, 2]}, "loss": lambdas}))
+
+
+# Runtimes that disagree with eager only where float32 overflows.
+OVERFLOW_MISTAKES = {
+    # λ · Σr² before dividing by the count: inf where λ · mean(r²) is finite
+    "fr_lambda_before_the_mean": lambda p, l, s, c, lam: _replace(c, torch.ones(7), {
+        4: lam[4].float() * (s * s).sum() / s.numel()}),
+    # saturates at a finite value where eager overflows
+    "mse_finite_where_eager_overflows": lambda p, l, s, c, lam: torch.nan_to_num(c, posinf=1e38),
+    "nan_for_fr": lambda p, l, s, c, lam: _replace(c, torch.ones(7), {4: torch.tensor(math.nan)}),
+}
+
+
+def test_parity_at_float32_max_compares_infinities_and_passes_eager_itself(eager_at_float32_max):
+    eager = eager_at_float32_max
+    shapes = parity.fresh_shapes(6, 3)
+    overflowed = [torch.isinf(eager(*parity._inputs(eager, t, b, 100 + i, "cpu", False))[1][0]).item()
+                  for i, (t, b) in enumerate(shapes)]
+    assert any(overflowed) and not all(overflowed), overflowed  # both cases are compared below
+    honest = parity.Row("fake", "eager itself", "cpu")
+    parity._compare_loss(honest, eager, lambda *xs: eager(*xs), parity.trainable(eager), shapes, "cpu", eager, False)
+    assert honest.passed and honest.worst == 0.0, (honest.error, honest.worst)
+
+
+@pytest.mark.parametrize("mistake", list(OVERFLOW_MISTAKES))
+def test_a_runtime_that_overflows_differently_fails_parity(eager_at_float32_max, mistake):
+    eager = eager_at_float32_max
+
+    def wrong_runtime(pred, label, states):
+        total, comps = eager(pred, label, states)
+        comps = OVERFLOW_MISTAKES[mistake](pred, label, states, comps, eager.lambdas)
+        return comps.sum(), comps
+
+    row = parity.Row("fake", "wrong " + mistake, "cpu")
+    parity._check([], row, lambda r: parity._compare_loss(r, eager, wrong_runtime, parity.trainable(eager),
+                                                          parity.fresh_shapes(6, 3), "cpu", eager, False))
+    assert not row.passed, (row.max_rel, row.worst)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("component", ["mse", "hid", "fr", "fr_sd", "fr_cv"])
+def test_a_lambda_at_float32s_largest_value_exports_and_verifies(tmp_path, capsys, component):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"loss": {f"lambda_{component}": FLOAT32_MAX}}))
+    out = tmp_path / "out"
+    status = export.main(["--config", str(config), "--out", str(out), "--device", "cpu"])
+    assert status == 0, capsys.readouterr()
+    assert json.loads((out / "manifest.json").read_text())["lambdas"][component] == FLOAT32_MAX
+    assert export.main(["--verify", str(out), "--device", "cpu"]) == 0, capsys.readouterr()

@@ -27,6 +27,17 @@ by the conditioning of each quantity:
   gradients of fr_sd and fr_cv are built from r̄_i − μ and σ, with the same errors); a σ that is
   exactly 0 contributes nothing (the loss defines that gradient as 0).
 
+Overflow (any λ up to float32's largest value is accepted, so a component or gradient may leave
+float32's range): NaN must sit at the same entries in both (NaN against a number is a
+disagreement); ±inf counts as the nearest value that rounds to it, ±(the dtype's overflow
+threshold) (:func:`overflow_bound`), so two equal infinities agree, +inf against −inf or against
+a finite value far from the threshold disagrees, and a finite value within its allowance of the
+threshold agrees with an infinity (the two runtimes' sums rounded to either side of it). An
+allowance is never derived from an infinity or a NaN: component allowances use the threshold, a
+gradient's norm its finite entries. Gradients are those of ``(total + Σ components) / 2``, which
+reaches every component through both outputs with weight 1, as ``total`` alone does in training
+(doubling it would overflow float32 for λ above half its range where training does not).
+
 A formula or axis mistake (sample SD instead of population SD, means over the wrong axis, a wrong
 count) changes a component by 1e-2 or more, far above ``sum_rtol · κ`` unless κ is huge, and
 tests/test_parity.py checks that such mistakes fail.
@@ -52,6 +63,17 @@ def sum_rtol(n: int) -> float:
     return MARGIN * UNIT_ROUNDOFF * max(math.sqrt(n), 16.0)
 
 
+def overflow_bound(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float64 on the CPU with ±inf replaced by ±(the smallest magnitude that rounds to inf
+    in ``t``'s dtype): for float32 2^128 − 2^103, halfway between its largest value and 2^128
+    (float64's own largest value for float64, whose threshold is not a float64). NaN stays NaN."""
+    x = t.detach().double().cpu()
+    info = torch.finfo(t.dtype)
+    bound = info.max + info.max / (2.0 - info.eps) * info.eps / 2.0  # + half the spacing at the top
+    bound = bound if math.isfinite(bound) else info.max
+    return torch.where(torch.isinf(x), torch.copysign(torch.full_like(x, bound), x), x)
+
+
 def _rate_scales(states: torch.Tensor) -> Tuple[float, float, float, float]:
     """max_i m_i, mean |r|, σ and μ of ``states`` (…, N_hid), in float64."""
     r = states.detach().double().cpu().reshape(-1, states.size(-1))
@@ -65,7 +87,7 @@ def component_tolerances(components: torch.Tensor, lambdas: torch.Tensor, states
                          n: int) -> torch.Tensor:
     """Absolute allowed error of each of the 7 components (see the module docstring)."""
     base = sum_rtol(n)
-    c = components.detach().double().cpu().abs()
+    c = overflow_bound(components).abs()
     allowed = base * c
     if states is not None:
         lam = lambdas.detach().double().cpu()
@@ -114,18 +136,19 @@ class Row:
 
     def update(self, got: torch.Tensor, ref: torch.Tensor, allowed) -> None:
         """Compare ``got`` with ``ref`` entry by entry; ``allowed`` is the absolute allowance
-        (a tensor like ``ref`` or a number). Non-finite entries must be identical."""
-        got, ref = got.detach().double().cpu(), ref.detach().double().cpu()
+        (a tensor like ``ref`` or a number). NaN must be at the same entries in both; an infinity
+        is compared as its dtype's overflow threshold (:func:`overflow_bound`)."""
         if got.shape != ref.shape:
             raise AssertionError(f"shape {list(got.shape)} != eager {list(ref.shape)}")
-        finite = torch.isfinite(ref)
-        if not torch.equal(torch.isfinite(got), finite) or not torch.equal(got[~finite], ref[~finite]):
-            raise AssertionError("non-finite entries differ from eager")
-        allowed = torch.as_tensor(allowed, dtype=torch.float64).expand_as(ref)[finite]
-        diff = (got[finite] - ref[finite]).abs()
+        got, ref = overflow_bound(got), overflow_bound(ref)
+        compared = ~torch.isnan(ref)
+        if not torch.equal(~torch.isnan(got), compared):
+            raise AssertionError("NaN entries differ from eager")
+        allowed = torch.as_tensor(allowed, dtype=torch.float64).expand_as(ref)[compared]
+        diff = (got[compared] - ref[compared]).abs()
         if diff.numel() == 0:
             return
-        scale = ref[finite].abs().max().item()
+        scale = ref[compared].abs().max().item()
         self.max_abs = max(self.max_abs, diff.max().item())
         self.max_rel = max(self.max_rel, diff.max().item() / scale if scale > 0 else
                            (0.0 if diff.max().item() == 0 else math.inf))
@@ -134,17 +157,20 @@ class Row:
         k = int(ratio.argmax())
         if ratio[k].item() >= self.worst:
             self.worst = ratio[k].item()
-            value = ref[finite][k].abs().item()
+            value = ref[compared][k].abs().item()
             self.rtol = allowed[k].item() / value if value > 0 else allowed[k].item()
 
     def compare_loss(self, got: Sequence[torch.Tensor], ref: Sequence[torch.Tensor], lambdas, states, n) -> None:
         """(total, components) of a runtime against eager's, with the per-component allowances."""
         allowed = component_tolerances(ref[1], lambdas, states, n)
         self.update(got[1], ref[1], allowed)
-        self.update(got[0], ref[0], allowed.sum() + sum_rtol(n) * ref[0].detach().double().abs().cpu())
+        self.update(got[0], ref[0], allowed.sum() + sum_rtol(n) * overflow_bound(ref[0]).abs())
 
     def compare_gradient(self, got: torch.Tensor, ref: torch.Tensor, rtol: float) -> None:
-        scale = ref.detach().double().abs().max().item() if ref.numel() else 0.0
+        """Normwise: every entry within ``rtol`` · the largest finite |entry| of ``ref``."""
+        finite = ref.detach().double()
+        finite = finite[torch.isfinite(finite)]
+        scale = finite.abs().max().item() if finite.numel() else 0.0
         self.update(got, ref, rtol * scale)
 
     def as_dict(self) -> Dict[str, Any]:
@@ -172,7 +198,8 @@ def _inputs(loss, time, batch, seed, device, mask):
 
 
 def _loss_outputs_and_grads(fn: Callable, loss_params: Dict[str, torch.Tensor], inputs):
-    """(total, components) and the gradients of total + Σ components w.r.t. pred, states, params.
+    """(total, components) and the gradients of (total + Σ components) / 2 w.r.t. pred, states, params
+    (the halves: see the module docstring).
 
     ``inputs`` are (pred, label, states[, mask]); the mask, like the label, is a constant.
     """
@@ -180,7 +207,7 @@ def _loss_outputs_and_grads(fn: Callable, loss_params: Dict[str, torch.Tensor], 
     states = inputs[2].detach().clone().requires_grad_(True)
     total, comps = fn(pred, inputs[1], states, *inputs[3:])
     wanted = [pred, states] + list(loss_params.values())
-    grads = torch.autograd.grad(total + comps.sum(), wanted, allow_unused=True)
+    grads = torch.autograd.grad(0.5 * total + 0.5 * comps.sum(), wanted, allow_unused=True)
     named = dict(zip(["d_pred", "d_states"] + [f"d_{k}" for k in loss_params], grads))
     return [total, comps], named
 
