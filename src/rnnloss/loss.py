@@ -144,35 +144,56 @@ def _neuron_sums_f64(states: Tensor) -> Tensor:
     return total
 
 
+def _sample_parts(states: Tensor, rows: int) -> List[Tensor]:
+    """Views of ``states`` holding about ``rows`` samples each, in memory order; ``reshape(-1, N_hid)``
+    of each gives its (samples, N_hid) rows.
+
+    When the rates are contiguous in some order of their sample axes
+    (:func:`_samples_in_memory_order`) or 2-D, the parts are row blocks and that reshape is a view;
+    otherwise they are a few slices of the first sample axis each, and the reshape copies one part
+    at a time, never the whole tensor (expanded or neuron-strided rates).
+    """
+    ordered = _samples_in_memory_order(states)
+    n_hid = ordered.size(-1)
+    if ordered.dim() <= 2 or ordered.is_contiguous():
+        return ordered.reshape(-1, n_hid).split(rows)
+    per_slice = max(1, ordered[0].numel() // max(1, n_hid))
+    return ordered.split(max(1, rows // per_slice))
+
+
 def _blocked_rate_sums(states: Tensor, need_sq: bool, need_col: bool, row_norms: bool) -> Tuple[Tensor, Tensor]:
     """Σr² and the per-neuron sums (float64) on blocks of about 2^20 rates, read once each.
 
-    A block (4 MiB in float32) is read twice back to back — squares, then column sums — so the
-    second read comes from the cache. Within a block both sums are in the accumulation dtype
-    (cascade sums: ~1e-7 relative), block results are added in float64; a single block keeps
-    float64 column sums (exact for float32 rates: equal neurons stay equal). Σ b² is taken as
-    squared row norms with ``row_norms`` (values only: no temporary, not twice differentiable at a
-    zero row) or as Σ b·b (TorchScript on CUDA or for inf/NaN rates: differentiable to any order, a
-    block-sized temporary that stays in the cache; ``split``'s backward concatenates the block
-    gradients once).
+    A block (4 MiB in float32; :func:`_sample_parts`) is read twice back to back — squares, then
+    column sums — so the second read comes from the cache. Within a block Σ b² is in the
+    accumulation dtype (cascade sum: ~1e-7 relative) and the column sums are
+    :func:`_neuron_sums_f64` (groups of 1024 rows, so a float32 partial sum overflows only for rates
+    beyond about 3.3e35); block results are added in float64; a single block keeps float64 column
+    sums (exact for float32 rates: equal neurons stay equal). Σ b² is
+    taken as squared row norms with ``row_norms`` and N_hid ≤ 1024 (values only: no temporary, not
+    twice differentiable at a zero row; torch's CPU float32 row norm errs by about N·ε/16, 1.2e-5 at
+    N = 8192) or as
+    Σ b·b (differentiable to any order, a block-sized temporary that stays in the cache;
+    ``split``'s backward concatenates the block gradients once).
     """
     n_hid = states.size(-1)
     acc = accumulation_dtype(states)
-    rows = states.reshape(-1, n_hid)
     step = max(1, 1048576 // n_hid)
+    norms_ok = row_norms and n_hid <= 1024
     squares: List[Tensor] = []
     columns: List[Tensor] = []
-    single = rows.size(0) <= step
-    for raw in rows.split(step):
-        block = raw.to(acc)
+    parts = _sample_parts(states, step)
+    single = len(parts) == 1
+    for part in parts:
+        block = part.reshape(-1, n_hid).to(acc)
         if need_sq:
-            if row_norms:
+            if norms_ok:
                 norms = torch.linalg.vector_norm(block, dim=-1).to(torch.float64)
                 squares.append((norms * norms).sum())
             else:
                 squares.append((block * block).sum().to(torch.float64))
         if need_col:
-            columns.append(block.to(torch.float64).sum(0) if single else block.sum(0).to(torch.float64))
+            columns.append(block.to(torch.float64).sum(0) if single else _neuron_sums_f64(block))
     zero = torch.zeros((), dtype=torch.float64, device=states.device)
     sumsq = torch.stack(squares).sum() if need_sq else zero
     colsum = torch.stack(columns).sum(0) if need_col else zero
@@ -256,26 +277,12 @@ class _RateSums(torch.autograd.Function):
 def _rate_sum_values(states: Tensor, need_sq: bool, need_col: bool) -> Tuple[Tensor, Tensor]:
     """The values of Σr² and the per-neuron sums (float64), fast and accurate; for a graph, see callers.
 
-    With both sums wanted and float32/16 rates contiguous in some order of their sample axes
-    (:func:`_samples_in_memory_order`), :func:`_blocked_rate_sums` with row norms
-    (one sweep through memory); otherwise Σr² as float64 sums of squared row norms (``vector_norm``:
-    one read, no temporary; float64 rates: a plain sum of squares) and the per-neuron sums by
-    :func:`_neuron_sums_f64`. Used by the eager forward and, without gradients, by TorchScript, so
-    both give the same values to the bit.
+    :func:`_blocked_rate_sums`: one sweep through the rates in any layout, Σr² as squared row norms
+    for float32/16 rates up to 1024 neurons (no temporary) and as Σ b·b per
+    block otherwise (float64 rates: no sqrt-then-square rounding). Used by the eager forward and,
+    without gradients, by TorchScript, so both give the same values to the bit.
     """
-    rows = _samples_in_memory_order(states)
-    if need_sq and need_col and states.dtype != torch.float64 and rows.is_contiguous():
-        return _blocked_rate_sums(rows, True, True, row_norms=True)
-    zero = torch.zeros((), dtype=torch.float64, device=states.device)
-    sumsq, colsum = zero, zero
-    if need_sq and states.dtype == torch.float64:
-        sumsq = (states * states).sum()  # no sqrt-then-square rounding for float64 rates
-    elif need_sq:
-        norms = torch.linalg.vector_norm(states, dim=-1, dtype=accumulation_dtype(states)).to(torch.float64)
-        sumsq = (norms * norms).sum()
-    if need_col:
-        colsum = _neuron_sums_f64(states)
-    return sumsq, colsum
+    return _blocked_rate_sums(states, need_sq, need_col, states.dtype != torch.float64)
 
 
 def _scripted_rate_sums(states: Tensor, need_sq: bool, need_col: bool) -> Tuple[Tensor, Tensor]:
@@ -284,8 +291,9 @@ def _scripted_rate_sums(states: Tensor, need_sq: bool, need_col: bool) -> Tuple[
 
     - No gradient wanted (``no_grad`` or rates that do not require grad): :func:`_rate_sum_values`.
     - CPU: :func:`_cpu_rate_sums_for_autograd` (the gradient written in two full-size passes).
-    - CUDA, or rates holding inf or NaN: :func:`_blocked_rate_sums` as Σ b·b per block (no
-      host–device synchronisation; inf and NaN propagate as through any plain sum).
+    - CUDA, or rates holding inf or NaN (or float64 rates whose sums overflow float64):
+      :func:`_blocked_rate_sums` as Σ b·b per block (no host–device synchronisation; inf and NaN
+      propagate as through any plain sum).
 
     Every branch is exact to any order of differentiation (``gradgradcheck``, Hessian-vector
     products); values agree with the eager module's to float32 rounding, and to the bit where no
@@ -312,7 +320,8 @@ def _cpu_rate_sums_for_autograd(states: Tensor, need_sq: bool, need_col: bool) -
     broadcast gradient into that fresh tensor in place. Stock operations need one more full-size
     write than the eager Function (``mse_loss``'s own temporary). When a float32 q overflows (rates
     near 1e19 and beyond; ``q - q`` would be NaN) both are taken again in float64; returns None when
-    they are still not finite (inf or NaN rates). The CPU reads that flag for free.
+    they are still not finite (inf or NaN rates, or float64 rates whose sums overflow float64). The
+    CPU reads that flag for free.
     """
     sumsq, colsum = _rate_sum_values(states.detach(), need_sq, need_col)
     rows = _samples_in_memory_order(states).reshape(-1, states.size(-1)).to(accumulation_dtype(states))
@@ -366,9 +375,12 @@ def rate_sd_cv(mean_rates: Tensor) -> Tuple[Tensor, Tensor]:
         \sigma = \sqrt{\frac{1}{N}\sum_i (\bar r_i - \mu)^2}, \qquad
         \mathrm{CV} = \sigma / \mu
 
-    μ, the mean of the per-neuron means, equals the mean of all rates. σ is the population SD
-    (divide by N, not N − 1) and is computed from the deviations themselves, so a large mean
-    with a tiny spread loses no precision (no E[x²] − E[x]² cancellation).
+    μ, the mean of the per-neuron means, equals the mean of all rates; it is taken as
+    :math:`\bar r_1 + \frac{1}{N}\sum_i (\bar r_i - \bar r_1)` (the same function, so the same
+    derivatives), which is exactly the common value when every :math:`\bar r_i` is equal (a plain
+    mean of 7 equal numbers need not round back to them). σ is the population SD (divide by N, not
+    N − 1) and is computed from the deviations themselves, so a large mean with a tiny spread loses
+    no precision (no E[x²] − E[x]² cancellation).
 
     Edge cases:
         - σ = 0 (every neuron has the same mean rate, e.g. all silent): σ = 0 and CV = 0 with
@@ -377,7 +389,8 @@ def rate_sd_cv(mean_rates: Tensor) -> Tuple[Tensor, Tensor]:
         - NaN or ±inf in the rates: σ and CV are NaN. The σ = 0 guard tests ``var == 0``,
           which is false for NaN, so it never turns a NaN into 0.
     """
-    mu = mean_rates.mean()
+    first = mean_rates[0]
+    mu = first + (mean_rates - first).mean()  # = mean(r̄); exactly the common value when all are equal
     dev = mean_rates - mu
     var = (dev * dev).mean()
     flat = var == 0
