@@ -84,13 +84,14 @@ torch::Tensor sum_of_squares_f64(const torch::Tensor& states) {
 }
 
 // fr_sd and fr_cv from the per-neuron means: μ = mean_i r̄_i, σ = sqrt(mean_i (r̄_i − μ)²) (population
-// SD), CV = σ / μ. μ is taken as r̄_1 + mean_i (r̄_i − r̄_1), the same function, which is exactly the
-// common value when every r̄_i is equal (a plain mean of 7 equal numbers need not round back).
+// SD), CV = σ / μ. μ is taken as m + mean_i (r̄_i − m), m the plain mean: the same function, and
+// exactly the common value when every r̄_i is equal (the plain mean of 7 equal numbers need not round
+// back to them; the correction, a few ulps computed exactly, restores it).
 // σ = 0 gives σ = CV = 0 with zero gradients (the sqrt's slope at 0 is never evaluated); σ > 0 with
 // μ = 0 gives CV = +inf; NaN rates give NaN (var == 0 is false for NaN).
 std::pair<torch::Tensor, torch::Tensor> rate_sd_cv(const torch::Tensor& mean_rates) {
-  auto first = mean_rates[0];
-  auto mu = first + (mean_rates - first).mean();
+  auto rough = mean_rates.mean();
+  auto mu = rough + (mean_rates - rough).mean();
   auto dev = mean_rates - mu;
   auto var = (dev * dev).mean();
   auto flat = var == 0;

@@ -161,6 +161,16 @@ def _sample_parts(states: Tensor, rows: int) -> List[Tensor]:
     return ordered.split(max(1, rows // per_slice))
 
 
+def _grouped_column_sums(block: Tensor) -> Tensor:
+    """float64 column sums of a (rows, N_hid) block: groups of 1024 rows summed in its dtype, the
+    group sums in float64 (the 2-D, whole-groups case of :func:`_neuron_sums_f64`, in few operations)."""
+    rows = block.size(0)
+    groups = rows // 1024
+    if groups * 1024 == rows and groups > 1:
+        return block.view(groups, 1024, block.size(1)).sum(1).sum(0, dtype=torch.float64)
+    return _neuron_sums_f64(block)
+
+
 def _blocked_rate_sums(states: Tensor, need_sq: bool, need_col: bool, row_norms: bool) -> Tuple[Tensor, Tensor]:
     """Σr² and the per-neuron sums (float64) on blocks of about 2^20 rates, read once each.
 
@@ -179,6 +189,8 @@ def _blocked_rate_sums(states: Tensor, need_sq: bool, need_col: bool, row_norms:
     n_hid = states.size(-1)
     acc = accumulation_dtype(states)
     step = max(1, 1048576 // n_hid)
+    if step >= 2048:
+        step = step // 1024 * 1024  # whole groups of 1024 rows for the column sums
     norms_ok = row_norms and n_hid <= 1024
     squares: List[Tensor] = []
     columns: List[Tensor] = []
@@ -193,7 +205,7 @@ def _blocked_rate_sums(states: Tensor, need_sq: bool, need_col: bool, row_norms:
             else:
                 squares.append((block * block).sum().to(torch.float64))
         if need_col:
-            columns.append(block.to(torch.float64).sum(0) if single else _neuron_sums_f64(block))
+            columns.append(block.to(torch.float64).sum(0) if single else _grouped_column_sums(block))
     zero = torch.zeros((), dtype=torch.float64, device=states.device)
     sumsq = torch.stack(squares).sum() if need_sq else zero
     colsum = torch.stack(columns).sum(0) if need_col else zero
@@ -376,9 +388,9 @@ def rate_sd_cv(mean_rates: Tensor) -> Tuple[Tensor, Tensor]:
         \mathrm{CV} = \sigma / \mu
 
     μ, the mean of the per-neuron means, equals the mean of all rates; it is taken as
-    :math:`\bar r_1 + \frac{1}{N}\sum_i (\bar r_i - \bar r_1)` (the same function, so the same
-    derivatives), which is exactly the common value when every :math:`\bar r_i` is equal (a plain
-    mean of 7 equal numbers need not round back to them). σ is the population SD (divide by N, not
+    :math:`m + \frac{1}{N}\sum_i (\bar r_i - m)` with :math:`m` the plain mean (the same function,
+    so the same derivatives): when every :math:`\bar r_i` is equal, the plain mean of 7 of them need
+    not round back to their value, but the correction, a few ulps computed exactly, restores it. σ is the population SD (divide by N, not
     N − 1) and is computed from the deviations themselves, so a large mean with a tiny spread loses
     no precision (no E[x²] − E[x]² cancellation).
 
@@ -389,8 +401,8 @@ def rate_sd_cv(mean_rates: Tensor) -> Tuple[Tensor, Tensor]:
         - NaN or ±inf in the rates: σ and CV are NaN. The σ = 0 guard tests ``var == 0``,
           which is false for NaN, so it never turns a NaN into 0.
     """
-    first = mean_rates[0]
-    mu = first + (mean_rates - first).mean()  # = mean(r̄); exactly the common value when all are equal
+    rough = mean_rates.mean()
+    mu = rough + (mean_rates - rough).mean()  # = mean(r̄); exactly the common value when all are equal
     dev = mean_rates - mu
     var = (dev * dev).mean()
     flat = var == 0
