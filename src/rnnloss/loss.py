@@ -176,15 +176,14 @@ def _blocked_rate_sums(states: Tensor, need_sq: bool, need_col: bool, row_norms:
 
     A block (4 MiB in float32; :func:`_sample_parts`) is read twice back to back — squares, then
     column sums — so the second read comes from the cache. Within a block Σ b² is in the
-    accumulation dtype (cascade sum: ~1e-7 relative) and the column sums are
-    :func:`_neuron_sums_f64` (groups of 1024 rows, so a float32 partial sum overflows only for rates
-    beyond about 3.3e35); block results are added in float64; a single block keeps float64 column
-    sums (exact for float32 rates: equal neurons stay equal). Σ b² is
-    taken as squared row norms with ``row_norms`` and N_hid ≤ 1024 (values only: no temporary, not
-    twice differentiable at a zero row; torch's CPU float32 row norm errs by about N·ε/16, 1.2e-5 at
-    N = 8192) or as
-    Σ b·b (differentiable to any order, a block-sized temporary that stays in the cache;
-    ``split``'s backward concatenates the block gradients once).
+    accumulation dtype (cascade sum: ~1e-7 relative) and the column sums are taken over groups of
+    1024 rows (:func:`_grouped_column_sums`; a float32 partial sum overflows only for rates beyond
+    about 3.3e35); block results are added in float64; a single block keeps float64 column sums
+    (exact for float32 rates: equal neurons stay equal). Σ b² is taken as squared row norms with
+    ``row_norms`` and N_hid ≤ 1024 (values only: no temporary, not twice differentiable at a zero
+    row; torch's CPU float32 row norm errs by about N·ε/16, 1.2e-5 at N = 8192) or as Σ b·b
+    (differentiable to any order, a block-sized temporary that stays in the cache; ``split``'s
+    backward concatenates the block gradients once).
     """
     n_hid = states.size(-1)
     acc = accumulation_dtype(states)
@@ -390,9 +389,10 @@ def rate_sd_cv(mean_rates: Tensor) -> Tuple[Tensor, Tensor]:
     μ, the mean of the per-neuron means, equals the mean of all rates; it is taken as
     :math:`m + \frac{1}{N}\sum_i (\bar r_i - m)` with :math:`m` the plain mean (the same function,
     so the same derivatives): when every :math:`\bar r_i` is equal, the plain mean of 7 of them need
-    not round back to their value, but the correction, a few ulps computed exactly, restores it. σ is the population SD (divide by N, not
-    N − 1) and is computed from the deviations themselves, so a large mean with a tiny spread loses
-    no precision (no E[x²] − E[x]² cancellation).
+    not round back to their value, but the correction, a few ulps computed exactly, restores it.
+    σ is the population SD (divide by N, not N − 1) and is computed from the deviations
+    themselves, so a large mean with a tiny spread loses no precision (no E[x²] − E[x]²
+    cancellation).
 
     Edge cases:
         - σ = 0 (every neuron has the same mean rate, e.g. all silent): σ = 0 and CV = 0 with
