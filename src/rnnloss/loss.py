@@ -137,11 +137,11 @@ def _neuron_sums_f64(states: Tensor) -> Tensor:
     blocks = count // block
     if blocks <= 1:
         return rows.to(torch.float64).sum(0)
+    if blocks * block == count:  # whole groups (the blocks of _blocked_rate_sums): three operations
+        return rows.reshape(blocks, block, n_hid).sum(1, dtype=acc).sum(0, dtype=torch.float64)
     head = rows.narrow(0, 0, blocks * block).reshape(blocks, block, n_hid).sum(1, dtype=acc)
-    total = head.to(torch.float64).sum(0)
-    if blocks * block < count:
-        total = total + rows.narrow(0, blocks * block, count - blocks * block).to(torch.float64).sum(0)
-    return total
+    tail = rows.narrow(0, blocks * block, count - blocks * block).to(torch.float64).sum(0)
+    return head.to(torch.float64).sum(0) + tail
 
 
 def _sample_parts(states: Tensor, rows: int) -> List[Tensor]:
@@ -161,23 +161,13 @@ def _sample_parts(states: Tensor, rows: int) -> List[Tensor]:
     return ordered.split(max(1, rows // per_slice))
 
 
-def _grouped_column_sums(block: Tensor) -> Tensor:
-    """float64 column sums of a (rows, N_hid) block: groups of 1024 rows summed in its dtype, the
-    group sums in float64 (the 2-D, whole-groups case of :func:`_neuron_sums_f64`, in few operations)."""
-    rows = block.size(0)
-    groups = rows // 1024
-    if groups * 1024 == rows and groups > 1:
-        return block.view(groups, 1024, block.size(1)).sum(1).sum(0, dtype=torch.float64)
-    return _neuron_sums_f64(block)
-
-
 def _blocked_rate_sums(states: Tensor, need_sq: bool, need_col: bool, row_norms: bool) -> Tuple[Tensor, Tensor]:
     """Σr² and the per-neuron sums (float64) on blocks of about 2^20 rates, read once each.
 
     A block (4 MiB in float32; :func:`_sample_parts`) is read twice back to back — squares, then
     column sums — so the second read comes from the cache. Within a block Σ b² is in the
     accumulation dtype (cascade sum: ~1e-7 relative) and the column sums are taken over groups of
-    1024 rows (:func:`_grouped_column_sums`; a float32 partial sum overflows only for rates beyond
+    1024 rows (:func:`_neuron_sums_f64`; a float32 partial sum overflows only for rates beyond
     about 3.3e35); block results are added in float64; a single block keeps float64 column sums
     (exact for float32 rates: equal neurons stay equal). Σ b² is taken as squared row norms with
     ``row_norms`` and N_hid ≤ 1024 (values only: no temporary, not twice differentiable at a zero
@@ -204,7 +194,7 @@ def _blocked_rate_sums(states: Tensor, need_sq: bool, need_col: bool, row_norms:
             else:
                 squares.append((block * block).sum().to(torch.float64))
         if need_col:
-            columns.append(block.to(torch.float64).sum(0) if single else _grouped_column_sums(block))
+            columns.append(block.to(torch.float64).sum(0) if single else _neuron_sums_f64(block))
     zero = torch.zeros((), dtype=torch.float64, device=states.device)
     sumsq = torch.stack(squares).sum() if need_sq else zero
     colsum = torch.stack(columns).sum(0) if need_col else zero
