@@ -36,7 +36,7 @@ SKIP = 77
 CHILD = textwrap.dedent("""
     import os, sys
     from rnnloss import config, export
-    config.default_config()  # importlib.resources imports its reader on first use
+    config.default_config()  # read (and cached) as root: the checkout may be private to root (mktemp -d)
     uid, gid, area = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     try:
         os.setgroups([])

@@ -6,6 +6,7 @@ numbers finite and at most the largest float32 (the modules compute in float32: 
 would be inf there), seeds what ``torch.manual_seed`` accepts (0 … 2^64 − 1). Whether the
 model fits the machine's memory and disk is checked by the export itself.
 """
+import functools
 import json
 import math
 from importlib import resources
@@ -35,8 +36,14 @@ def _show(v: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+@functools.lru_cache(maxsize=None)
+def _default_text() -> str:
+    return resources.files("rnnloss").joinpath("default_config.json").read_text()
+
+
 def default_config() -> Dict[str, Any]:
-    return json.loads(resources.files("rnnloss").joinpath("default_config.json").read_text())
+    """A fresh copy of the embedded default config (the package file is read once per process)."""
+    return json.loads(_default_text())
 
 
 def _positive_int(key, v):
