@@ -429,7 +429,8 @@ class RNNLoss(nn.Module):
     The weights are the live parameters of ``model`` (held as the submodule ``model``). A
     component whose λ is 0 at construction is inactive: never computed, its entry exactly 0.
 
-    λ values live in the float64 buffer ``lambdas`` (shape [7]): it moves with ``.to(device)``,
+    λ values live in the float64 buffer ``lambdas`` (shape [7]): made on the model's device, it
+    moves with ``.to(device)``,
     keeps float64 under ``.float()``/``.half()`` (so float64 inputs get λ exactly), is saved in
     ``state_dict`` and can be changed at run time to anneal an active component. ``forward``
     validates the buffer — on the CPU in every call; on CUDA after each write to it, seen through
@@ -501,7 +502,10 @@ class RNNLoss(nn.Module):
         self._on = on  # type: ignore[assignment]
         self._need_means = on[5] or on[6]
         self._need_states = on[4] or self._need_means
-        self.register_buffer("lambdas", torch.tensor([float(v) for v in values], dtype=torch.float64))
+        # On the model's device: a CPU buffer beside a CUDA model would be copied to the GPU in every
+        # forward, a host-device synchronisation per call.
+        device = next(model.parameters()).device
+        self.register_buffer("lambdas", torch.tensor([float(v) for v in values], dtype=torch.float64, device=device))
         self._lambda_version = -1  # the (version, data pointer) of the buffer last validated
         self._lambda_ptr = 0
         self._lambda_max = FLOAT32_MAX
