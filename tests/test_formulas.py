@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from conftest import ALL_ON, ALL_SUBSETS, lambdas_for, make_inputs, make_model
+from conftest import ALL_ON, ALL_SUBSETS, CUDA, lambdas_for, make_inputs, make_model
 from reference import loss_components
 from rnnloss import RNNLoss
 
@@ -169,23 +169,29 @@ def _spread_reference(states, n_hid):
     return sigma.item(), mu.item(), floor.item()
 
 
+# The sums are taken differently on each device (CPU: cache-sized blocks; CUDA: whole-tensor
+# reductions, row norms at any width), so the accuracy bounds are checked on both.
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, CUDA])]
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("scripted", [False, True], ids=["eager", "scripted"])
 @pytest.mark.parametrize("n_hid, lead", [(64, (1250, 125)), (512, (1000, 20)), (8192, (1221,))],
                          ids=["N64", "N512", "N8192"])  # N8192: a float32 row norm alone would be 1.2e-5 off
 @pytest.mark.parametrize("kind", ["constant", "uniform", "relu_randn", "ten_plus_randn"])
-def test_rate_terms_at_ten_million_rates_within_the_float32_bound(kind, n_hid, lead, scripted, tmp_path):
+def test_rate_terms_at_ten_million_rates_within_the_float32_bound(kind, n_hid, lead, scripted, device, tmp_path):
     # fr within 1e-5 of float64; fr_sd, fr_cv within max(1e-5, 4 × the float32 floor).
     from conftest import script_roundtrip
     g = torch.Generator().manual_seed(5)
     states = _rates(kind, (*lead, n_hid), g)
-    model = make_model((1, n_hid, 1))
+    model = make_model((1, n_hid, 1)).to(device)
     loss = RNNLoss(model, lambda_mse=0.0, lambda_fr=1.0, lambda_fr_sd=1.0, lambda_fr_cv=1.0)
     if scripted:
         loss = script_roundtrip(loss, tmp_path)
-    zeros = torch.zeros(1, 1, 1)
+    zeros = torch.zeros(1, 1, 1, device=device)
     with torch.no_grad():
-        comps = loss(zeros, zeros, states)[1].double()
+        comps = loss(zeros, zeros, states.to(device))[1].double().cpu()
     fr = states.double().square().mean().item()
     sigma, mu, floor = _spread_reference(states, n_hid)
     assert comps[4].item() == pytest.approx(fr, rel=1e-5, abs=0)
@@ -222,10 +228,11 @@ def test_one_dimensional_states_are_one_sample(dtype):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
 @pytest.mark.parametrize("scripted", [False, True], ids=["eager", "scripted"])
 @pytest.mark.parametrize("layout", ["one_long_axis", "batch_first_view"])
-def test_spread_without_fr_at_ten_million_rates_within_the_float32_bound(layout, scripted, grad, tmp_path):
+def test_spread_without_fr_at_ten_million_rates_within_the_float32_bound(layout, scripted, grad, device, tmp_path):
     # Without fr only the per-neuron sums are taken (no joint sweep with Σr²), and a batch-first
     # view is not contiguous: both once summed a whole axis in one float32 reduction (1.25e-4 off
     # σ for (1, 156250, 64) rates of 10 + randn, bound 3.2e-5). Bound as above.
@@ -235,13 +242,13 @@ def test_spread_without_fr_at_ten_million_rates_within_the_float32_bound(layout,
         states = _rates("ten_plus_randn", (1, 156250, 64), g)
     else:
         states = _rates("ten_plus_randn", (125, 1250, 64), g).transpose(0, 1)
-    loss = RNNLoss(make_model((1, 64, 1)), lambda_mse=0.0, lambda_fr_sd=1.0, lambda_fr_cv=1.0)
+    loss = RNNLoss(make_model((1, 64, 1)).to(device), lambda_mse=0.0, lambda_fr_sd=1.0, lambda_fr_cv=1.0)
     if scripted:
         loss = script_roundtrip(loss, tmp_path)
-    zeros = torch.zeros(1, 1, 1)
+    zeros = torch.zeros(1, 1, 1, device=device)
     with torch.set_grad_enabled(grad):
-        comps = loss(zeros, zeros, states.requires_grad_(grad))[1].detach().double()
-    sigma, mu, floor = _spread_reference(states.detach(), 64)
+        comps = loss(zeros, zeros, states.to(device).requires_grad_(grad))[1].detach().double().cpu()
+    sigma, mu, floor = _spread_reference(states, 64)
     bound = max(1e-5, 4 * floor)
     assert comps[5].item() == pytest.approx(sigma, rel=bound, abs=0)
     assert comps[6].item() == pytest.approx(sigma / mu, rel=bound, abs=0)

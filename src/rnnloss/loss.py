@@ -144,47 +144,57 @@ def _neuron_sums_f64(states: Tensor) -> Tensor:
     return head.to(torch.float64).sum(0) + tail
 
 
-def _sample_parts(states: Tensor, rows: int) -> List[Tensor]:
-    """Views of ``states`` holding about ``rows`` samples each, in memory order; ``reshape(-1, N_hid)``
-    of each gives its (samples, N_hid) rows.
+def _sample_parts(states: Tensor, rows: int, copied_rows: int) -> List[Tensor]:
+    """Views of ``states`` in memory order, each holding about ``rows`` samples (all of them when
+    ``rows`` is -1), or ``copied_rows`` where a part must be copied; ``reshape(-1, N_hid)`` of each
+    gives its (samples, N_hid) rows.
 
     When the rates are contiguous in some order of their sample axes
     (:func:`_samples_in_memory_order`) or 2-D, the parts are row blocks and that reshape is a view;
-    otherwise they are a few slices of the first sample axis each, and the reshape copies one part
-    at a time, never the whole tensor (expanded or neuron-strided rates).
+    otherwise they are slices of the first sample axis holding about ``copied_rows`` samples each,
+    and the reshape copies one part at a time, never the whole tensor (expanded or neuron-strided
+    rates).
     """
     ordered = _samples_in_memory_order(states)
     n_hid = ordered.size(-1)
     if ordered.dim() <= 2 or ordered.is_contiguous():
-        return ordered.reshape(-1, n_hid).split(rows)
+        rows_all = ordered.reshape(-1, n_hid)
+        return [rows_all] if rows == -1 else rows_all.split(rows)
     per_slice = max(1, ordered[0].numel() // max(1, n_hid))
-    return ordered.split(max(1, rows // per_slice))
+    return ordered.split(max(1, copied_rows // per_slice))
 
 
 def _blocked_rate_sums(states: Tensor, need_sq: bool, need_col: bool, row_norms: bool) -> Tuple[Tensor, Tensor]:
-    """Σr² and the per-neuron sums (float64) on blocks of about 2^20 rates, read once each.
+    """Σr² and the per-neuron sums (float64), the rates read in a few blocks (views where the layout
+    allows, :func:`_sample_parts`).
 
-    A block (4 MiB in float32; :func:`_sample_parts`) is read twice back to back — squares, then
-    column sums — so the second read comes from the cache. Within a block Σ b² is in the
-    accumulation dtype (cascade sum: ~1e-7 relative) and the column sums are taken over groups of
-    1024 rows (:func:`_neuron_sums_f64`; a float32 partial sum overflows only for rates beyond
-    about 3.3e35); block results are added in float64; a single block keeps float64 column sums
-    (exact for float32 rates: equal neurons stay equal). Σ b² is taken as squared row norms with
-    ``row_norms`` and N_hid ≤ 1024 (values only: no temporary, not twice differentiable at a zero
-    row; torch's CPU float32 row norm errs by about N·ε/16, 1.2e-5 at N = 8192) or as Σ b·b
-    (differentiable to any order, a block-sized temporary that stays in the cache; ``split``'s
-    backward concatenates the block gradients once).
+    CPU: blocks of about 2^20 rates (4 MiB in float32), each read twice back to back — squares,
+    then column sums — so the second read comes from the cache. CUDA: every kernel launch costs
+    about as much as reading 2^24 rates, so the rates are one block when they are contiguous in
+    some order of their sample axes and blocks of about 2^24 rates otherwise (a bounded copy each);
+    each reduction reads its block once at memory speed.
+
+    Within a block Σ b² is in the accumulation dtype (~1e-7 relative) and the column sums are
+    taken over groups of 1024 rows (:func:`_neuron_sums_f64`; a float32 partial sum overflows
+    only for rates beyond about 3.3e35); block results are added in float64; a single CPU block
+    keeps float64 column sums (exact for float32 rates: equal neurons stay equal). Σ b² is taken
+    as squared row norms with ``row_norms`` (values only: no temporary, not twice differentiable
+    at a zero row) on CUDA and, on the CPU, up to 1024 neurons (torch's CPU float32 row norm errs
+    by about N·ε/16, 1.2e-5 at N = 8192; CUDA's is a tree reduction), or as Σ b·b (differentiable
+    to any order, a block-sized temporary; ``split``'s backward concatenates the block gradients
+    once).
     """
     n_hid = states.size(-1)
     acc = accumulation_dtype(states)
-    step = max(1, 1048576 // n_hid)
+    cuda = states.device.type != "cpu"
+    step = max(1, (16777216 if cuda else 1048576) // n_hid)
     if step >= 2048:
         step = step // 1024 * 1024  # whole groups of 1024 rows for the column sums
-    norms_ok = row_norms and n_hid <= 1024
+    norms_ok = row_norms and (cuda or n_hid <= 1024)
     squares: List[Tensor] = []
     columns: List[Tensor] = []
-    parts = _sample_parts(states, step)
-    single = len(parts) == 1
+    parts = _sample_parts(states, -1 if cuda else step, step)
+    exact_columns = len(parts) == 1 and not cuda  # a cache-sized block: float64 sums (on CUDA, a copy)
     for part in parts:
         block = part.reshape(-1, n_hid).to(acc)
         if need_sq:
@@ -194,10 +204,10 @@ def _blocked_rate_sums(states: Tensor, need_sq: bool, need_col: bool, row_norms:
             else:
                 squares.append((block * block).sum().to(torch.float64))
         if need_col:
-            columns.append(block.to(torch.float64).sum(0) if single else _neuron_sums_f64(block))
+            columns.append(block.to(torch.float64).sum(0) if exact_columns else _neuron_sums_f64(block))
     zero = torch.zeros((), dtype=torch.float64, device=states.device)
-    sumsq = torch.stack(squares).sum() if need_sq else zero
-    colsum = torch.stack(columns).sum(0) if need_col else zero
+    sumsq = (squares[0] if len(squares) == 1 else torch.stack(squares).sum()) if need_sq else zero
+    colsum = (columns[0] if len(columns) == 1 else torch.stack(columns).sum(0)) if need_col else zero
     return sumsq, colsum
 
 
@@ -279,8 +289,8 @@ def _rate_sum_values(states: Tensor, need_sq: bool, need_col: bool) -> Tuple[Ten
     """The values of Σr² and the per-neuron sums (float64), fast and accurate; for a graph, see callers.
 
     :func:`_blocked_rate_sums`: one sweep through the rates in any layout, Σr² as squared row norms
-    for float32/16 rates up to 1024 neurons (no temporary) and as Σ b·b per
-    block otherwise (float64 rates: no sqrt-then-square rounding). Used by the eager forward and,
+    for float32/16 rates (on the CPU up to 1024 neurons; no temporary) and as Σ b·b per block
+    otherwise (float64 rates: no sqrt-then-square rounding). Used by the eager forward and,
     without gradients, by TorchScript, so both give the same values to the bit.
     """
     return _blocked_rate_sums(states, need_sq, need_col, states.dtype != torch.float64)
