@@ -1,36 +1,120 @@
 #!/usr/bin/env bash
 # Every GPU check behind one command (`make gpu-check`). Uses the python3 and torch it finds (no
-# venv, no downloads) and writes everything into the report folder given as $1 (gpu-report).
-# Put onnxruntime-gpu first on PYTHONPATH to include ORT's CUDAExecutionProvider.
+# venv, no downloads) and writes everything into the report folder given as $1 (gpu-report):
+# one log per step and summary.txt (each step: ok or FAILED, with its seconds).
+#
+# Two lanes run side by side, then the benchmark alone on a quiet GPU:
+#   C++:    build cpp/ (CPU), then train_ctrnn --device cuda with both engines;
+#   Python: the CUDA tests, then export --device cuda with its parity table.
+# ONNX Runtime's CUDAExecutionProvider: put onnxruntime-gpu first on PYTHONPATH. If it is still
+# being copied in when this starts, set RNNLOSS_GPU_WAIT_FOR=FILE: the Python lane waits (up to 15
+# minutes) for FILE to exist, while the C++ lane builds. Where the provider does not load with the
+# loader path as it is, the lib folders of the nvidia-* wheels are added to LD_LIBRARY_PATH (the
+# report says whether that was needed).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPORT=${1:-gpu-report}
 PYTHON=${PYTHON:-python3}
 mkdir -p "$REPORT"
+REPORT=$(cd "$REPORT" && pwd)
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD/src"
-status=0
-run() {  # run NAME CMD...: log to $REPORT/NAME.txt, remember failures
-  local name=$1; shift
+: > "$REPORT/summary.txt"
+
+run() {  # run NAME CMD...: log to $REPORT/NAME.txt, one line to summary.txt
+  local name=$1 start=$SECONDS rc=0; shift
   echo "== $name: $*"
-  if "$@" > "$REPORT/$name.txt" 2>&1; then echo "   ok"; else echo "   FAILED (exit $?), see $REPORT/$name.txt"; status=1; fi
-  tail -n 25 "$REPORT/$name.txt"
+  "$@" > "$REPORT/$name.txt" 2>&1 || rc=$?
+  local line
+  if [ $rc -eq 0 ]; then line="ok      $name ($((SECONDS - start)) s)"
+  else line="FAILED  $name (exit $rc, $((SECONDS - start)) s): see $name.txt"; fi
+  echo "$line" | tee -a "$REPORT/summary.txt"
+  return $rc
 }
+
 {
   date -u +%Y-%m-%dT%H:%M:%SZ
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1
-  $PYTHON -c 'import sys, torch; print("python", sys.version.split()[0]); print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else "NO GPU")'
-  for m in onnx onnxruntime onnxscript; do $PYTHON -c "import $m; print('$m', $m.__version__)" 2>&1 | tail -1; done
-  $PYTHON -c 'import onnxruntime as o; print("ort providers", o.get_available_providers())' 2>&1 | tail -1
-} > "$REPORT/environment.txt"
+  nvcc --version 2>&1 | tail -n 2
+  $PYTHON -c 'import sys, torch; print("python", sys.version.split()[0]); print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version(), torch.cuda.get_device_name() if torch.cuda.is_available() else "NO GPU")'
+} > "$REPORT/environment.txt" 2>&1
 cat "$REPORT/environment.txt"
-run pytest_cuda "$PYTHON" -m pytest -m cuda -rs -q -p no:cacheprovider tests
-run export_cuda "$PYTHON" export/export.py --device cuda --force --out "$REPORT/artifacts"
-PREFIX=$("$PYTHON" -c 'import torch; print(torch.utils.cmake_prefix_path)')
-run cpp_build bash -c "cmake -S cpp -B '$REPORT/build' -DCMAKE_PREFIX_PATH='$PREFIX' && cmake --build '$REPORT/build' -j"
-for engine in native torchscript; do
-  run "cpp_train_cuda_$engine" "$REPORT/build/train_ctrnn" "$REPORT/artifacts" --engine $engine --steps 300 --device cuda \
-    --out "$REPORT/ctrnn_trained_cuda_$engine.pt"
+
+cpp_lane() {
+  local prefix
+  prefix=$("$PYTHON" -c 'import torch; print(torch.utils.cmake_prefix_path)')
+  if ! run cpp_build bash -c "cmake -S cpp -B '$REPORT/build' -DCMAKE_PREFIX_PATH='$prefix' && cmake --build '$REPORT/build' -j"; then
+    # torch's CMake wants a CUDA toolkit with cudart's headers and libraries; where the system has
+    # only nvcc, point it at the nvidia-* wheels' copies through a folder of links.
+    local shim="$REPORT/cuda-from-wheels" cu
+    cu=$("$PYTHON" -c 'import glob, nvidia; print(next(iter(sorted(p for d in nvidia.__path__ for p in glob.glob(d + "/cu*") if glob.glob(p + "/include/cuda_runtime.h")))))')
+    rm -rf "$shim" "$REPORT/build" && mkdir -p "$shim/bin" "$shim/lib64" && ln -s "$(dirname "$(command -v nvcc)")"/* "$shim/bin/" && ln -s "$cu/include" "$shim/include"
+    for f in "$cu"/lib/*.so.*; do b=$(basename "$f"); ln -sf "$f" "$shim/lib64/$b"; ln -sf "$f" "$shim/lib64/${b%%.so.*}.so"; done
+    run cpp_build_with_wheel_cuda bash -c "cmake -S cpp -B '$REPORT/build' -DCMAKE_PREFIX_PATH='$prefix' -DCUDA_TOOLKIT_ROOT_DIR='$shim' -DCUDAToolkit_ROOT='$shim' && cmake --build '$REPORT/build' -j"
+  fi
+  while [ ! -e "$REPORT/artifacts/rnnloss_native.pt" ] && [ ! -e "$REPORT/.python-lane-done" ]; do sleep 2; done
+  for engine in native torchscript; do
+    run "cpp_train_cuda_$engine" "$REPORT/build/train_ctrnn" "$REPORT/artifacts" --engine $engine --steps 300 \
+      --device cuda --out "$REPORT/ctrnn_trained_cuda_$engine.pt"
+  done
+}
+
+# Probe: can ONNX Runtime open a session on CUDAExecutionProvider (torch imported first, as in the
+# export)? Prints the providers the session got.
+ort_probe() {
+  "$PYTHON" - <<'EOF'
+import torch  # noqa: F401  (loads the CUDA libraries the way the export does)
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper
+x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
+graph = helper.make_graph([helper.make_node("Add", ["x", "x"], ["y"])], "probe", [x],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+print("onnxruntime", ort.__version__, "from", ort.__file__, "providers", ort.get_available_providers())
+session = ort.InferenceSession(model.SerializeToString(), providers=["CUDAExecutionProvider"])
+print("session providers", session.get_providers())
+raise SystemExit(0 if "CUDAExecutionProvider" in session.get_providers() else 1)
+EOF
+}
+
+python_lane() {
+  if [ -n "${RNNLOSS_GPU_WAIT_FOR:-}" ]; then
+    local waited=0
+    while [ ! -e "$RNNLOSS_GPU_WAIT_FOR" ] && [ $waited -lt 900 ]; do sleep 2; waited=$((waited + 2)); done
+    echo "waited ${waited} s for $RNNLOSS_GPU_WAIT_FOR" >> "$REPORT/environment.txt"
+  fi
+  {
+    for m in onnx onnxruntime onnxscript; do $PYTHON -c "import $m; print('$m', $m.__version__)" 2>&1 | tail -1; done
+    if ort_probe; then echo "CUDAExecutionProvider loads as installed"
+    else
+      local before=${LD_LIBRARY_PATH:-} libs
+      libs=$("$PYTHON" -c 'import glob, os, nvidia; print(":".join(sorted({os.path.dirname(p) for d in nvidia.__path__ for p in glob.glob(d + "/*/lib/*.so*")})))' 2>/dev/null)
+      export LD_LIBRARY_PATH="${libs}${before:+:$before}"
+      echo "CUDAExecutionProvider did not load as installed; retrying with LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+      if ort_probe; then echo "CUDAExecutionProvider loads with the nvidia-* lib folders on LD_LIBRARY_PATH"
+      else echo "CUDAExecutionProvider does not load either way"; export LD_LIBRARY_PATH="$before"; fi
+    fi
+  } >> "$REPORT/environment.txt" 2>&1  # a { } group: the export above stays in this shell
+  run pytest_cuda "$PYTHON" -m pytest -m cuda -rs -q -p no:cacheprovider tests
+  run export_cuda "$PYTHON" export/export.py --device cuda --force --out "$REPORT/artifacts"
+  if grep -q "^CUDAExecutionProvider loads" "$REPORT/environment.txt"; then
+    run ort_cuda_placement "$PYTHON" bench/ort_placement.py "$REPORT/artifacts"
+  else
+    echo "skipped ort_cuda_placement: onnxruntime has no CUDAExecutionProvider here" | tee -a "$REPORT/summary.txt"
+  fi
+  touch "$REPORT/.python-lane-done"
+}
+
+cpp_lane &
+cpp_pid=$!
+python_lane
+wait $cpp_pid
+run bench_cuda "$PYTHON" bench/bench_loss.py --device cuda --rounds 21 --cpp "$REPORT/build/train_ctrnn"
+
+for log in "$REPORT"/*.txt; do
+  name=$(basename "$log" .txt)
+  if grep -q "^FAILED  $name " "$REPORT/summary.txt"; then echo "--- $name (last 40 lines)"; tail -n 40 "$log"; fi
 done
-run bench_cuda "$PYTHON" bench/bench_loss.py --device cuda --rounds 21
-echo "report in $REPORT/ (exit $status)"
-exit $status
+echo "--- summary ($REPORT/summary.txt)"
+cat "$REPORT/summary.txt"
+! grep -q '^FAILED' "$REPORT/summary.txt"
