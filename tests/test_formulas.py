@@ -205,6 +205,38 @@ def test_rate_terms_at_ten_million_rates_within_the_float32_bound(kind, n_hid, l
         assert comps[6].item() == pytest.approx(sigma / mu, rel=bound, abs=0)
 
 
+@pytest.mark.parametrize("dtype, row_norms, whole", [
+    (torch.float32, True, True),     # the eager float32 case: one block, read in place
+    (torch.float32, False, False),   # Σ b·b (scripted with gradients): a b² temporary per block
+    (torch.float64, False, False),
+    (torch.float16, True, False),    # cast to float32 per block
+])
+@pytest.mark.parametrize("layout", ["contiguous", "batch_first_view"])
+def test_gpu_recipe_reads_float32_rates_whole_and_bounds_every_other_block(dtype, row_norms, whole, layout, monkeypatch):
+    # Off the CPU the rates are taken in few, large blocks (kernel launches cost more than the
+    # reads), but no temporary — a copy, a cast, b·b — may grow with the whole tensor. Checked on
+    # the meta device, which takes the GPU recipe and computes shapes only.
+    from rnnloss import loss as L
+    sizes = []
+    parts = L._sample_parts
+
+    def spy(*args):
+        out = parts(*args)
+        sizes.extend(p.numel() for p in out)
+        return out
+    monkeypatch.setattr(L, "_sample_parts", spy)
+    states = torch.empty(500, 256, 1024, dtype=dtype, device="meta")
+    if layout == "batch_first_view":
+        states = torch.empty(256, 500, 1024, dtype=dtype, device="meta").transpose(0, 1)
+    sumsq, colsum = L._blocked_rate_sums(states, True, True, row_norms)
+    assert sumsq.shape == () and colsum.shape == (1024,) and colsum.dtype == torch.float64
+    assert sum(sizes) == states.numel()
+    if whole:
+        assert sizes == [states.numel()]
+    else:
+        assert max(sizes) <= 2 ** 24
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["constant", "uniform", "ten_plus_randn"])
 def test_mse_at_ten_million_elements_within_1e5(kind):

@@ -203,6 +203,20 @@ def test_lambdas_stay_float64_and_exact_under_dtype_conversion(model, convert):
     assert loss.lambdas.dtype == torch.float64 and loss.lambdas[4].item() == 0.01
 
 
+def test_a_loss_built_on_a_meta_model_keeps_real_lambdas_and_materialises():
+    # The λ buffer follows the model's device (no copy per call on a GPU), except meta: λ are
+    # values given at construction, so they stay real on the CPU and survive to_empty.
+    real = RNNLoss(make_model((3, 8, 2)), **ALL_ON)
+    loss = RNNLoss(make_model((3, 8, 2)).to("meta"), **ALL_ON)
+    assert loss.lambdas.device.type == "cpu"
+    torch.testing.assert_close(loss.lambdas, real.lambdas, rtol=0, atol=0)
+    loss.to_empty(device="cpu")
+    torch.testing.assert_close(loss.lambdas, real.lambdas, rtol=0, atol=0)
+    loss.load_state_dict(real.state_dict())
+    pred, label, states = make_inputs(real.model, 4, 3)
+    torch.testing.assert_close(loss(pred, label, states)[1], real(pred, label, states)[1], rtol=0, atol=0)
+
+
 def test_writes_that_bypass_the_version_counter_are_caught_on_the_cpu():
     # On the CPU the buffer is checked in every call (no synchronisation to save there).
     model, pred, label, states = _inputs()

@@ -122,11 +122,13 @@ RNNLossImpl::RNNLossImpl(CTRNN model_, const RNNLossOptions& options) {
   for (size_t i = 0; i < 7; ++i) on_[i] = values[i] > 0.0;
   need_means_ = on_[kFrSd] || on_[kFrCv];
   need_states_ = on_[kFr] || need_means_;
-  // On the model's device: a CPU buffer beside a CUDA model would be copied to the GPU in every
-  // forward, a host-device synchronisation per call.
+  // On the device of the input weights (the one forward checks pred against): a CPU buffer beside
+  // a CUDA model would be copied to the GPU in every forward, a host-device synchronisation per
+  // call. A meta model keeps real values on the CPU, as in Python.
+  auto device = model->recurrent_layer->input_layer->weight.device();
+  if (device.is_meta()) device = torch::kCPU;
   lambdas = register_buffer("lambdas", torch::tensor(std::vector<double>(values.begin(), values.end()),
-                                                     torch::dtype(torch::kFloat64)
-                                                         .device(model->parameters().front().device())));
+                                                     torch::dtype(torch::kFloat64).device(device)));
 }
 
 std::vector<std::string> RNNLossImpl::active() const {

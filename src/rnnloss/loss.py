@@ -17,7 +17,7 @@ How the sums are taken (accuracy and speed; measured in BENCHMARKS.md):
 - TorchScript (it cannot compile an autograd Function) takes the eager forward's values and, where
   a gradient is wanted, attaches stock differentiable operations that are the same functions of
   the rates (:func:`_scripted_rate_sums`): on the CPU at the cost of one more full-size write than
-  eager, on CUDA as sums on cache-sized blocks. ``torch.compile`` gets plain operations and fuses
+  eager, on CUDA as sums of squares on blocks of about 2^24 rates. ``torch.compile`` gets plain operations and fuses
   them.
 - ``torch.export`` (and so the ONNX exporter) gets the sums in float64 throughout: other runtimes
   (ONNX Runtime) add long reductions sequentially, which in float32 misses the accuracy bound.
@@ -169,10 +169,12 @@ def _blocked_rate_sums(states: Tensor, need_sq: bool, need_col: bool, row_norms:
     allows, :func:`_sample_parts`).
 
     CPU: blocks of about 2^20 rates (4 MiB in float32), each read twice back to back — squares,
-    then column sums — so the second read comes from the cache. CUDA: every kernel launch costs
-    about as much as reading 2^24 rates, so the rates are one block when they are contiguous in
-    some order of their sample axes and blocks of about 2^24 rates otherwise (a bounded copy each);
-    each reduction reads its block once at memory speed.
+    then column sums — so the second read comes from the cache. A GPU (any device but the CPU):
+    a kernel launch costs about as much as reading 2^24 rates, so float32 rates whose Σ r² is
+    taken as row norms are one block when they are contiguous in some order of their sample axes
+    (nothing is copied or squared into a temporary); otherwise (other dtypes, Σ b·b, layouts that
+    must be copied) blocks of about 2^24 rates, which bounds each temporary; each reduction reads
+    its block once at memory speed.
 
     Within a block Σ b² is in the accumulation dtype (~1e-7 relative) and the column sums are
     taken over groups of 1024 rows (:func:`_neuron_sums_f64`; a float32 partial sum overflows
@@ -186,15 +188,16 @@ def _blocked_rate_sums(states: Tensor, need_sq: bool, need_col: bool, row_norms:
     """
     n_hid = states.size(-1)
     acc = accumulation_dtype(states)
-    cuda = states.device.type != "cpu"
-    step = max(1, (16777216 if cuda else 1048576) // n_hid)
+    gpu = states.device.type != "cpu"
+    step = max(1, (16777216 if gpu else 1048576) // n_hid)
     if step >= 2048:
         step = step // 1024 * 1024  # whole groups of 1024 rows for the column sums
-    norms_ok = row_norms and (cuda or n_hid <= 1024)
+    norms_ok = row_norms and (gpu or n_hid <= 1024)
+    whole = gpu and norms_ok and acc == states.dtype
     squares: List[Tensor] = []
     columns: List[Tensor] = []
-    parts = _sample_parts(states, -1 if cuda else step, step)
-    exact_columns = len(parts) == 1 and not cuda  # a cache-sized block: float64 sums (on CUDA, a copy)
+    parts = _sample_parts(states, -1 if whole else step, step)
+    exact_columns = len(parts) == 1 and not gpu  # a cache-sized block: float64 sums (on a GPU, a copy)
     for part in parts:
         block = part.reshape(-1, n_hid).to(acc)
         if need_sq:
@@ -439,8 +442,8 @@ class RNNLoss(nn.Module):
     The weights are the live parameters of ``model`` (held as the submodule ``model``). A
     component whose λ is 0 at construction is inactive: never computed, its entry exactly 0.
 
-    λ values live in the float64 buffer ``lambdas`` (shape [7]): made on the model's device, it
-    moves with ``.to(device)``,
+    λ values live in the float64 buffer ``lambdas`` (shape [7]): made on the model's device (the
+    CPU for a meta model), it moves with ``.to(device)``,
     keeps float64 under ``.float()``/``.half()`` (so float64 inputs get λ exactly), is saved in
     ``state_dict`` and can be changed at run time to anneal an active component. ``forward``
     validates the buffer — on the CPU in every call; on CUDA after each write to it, seen through
@@ -512,9 +515,12 @@ class RNNLoss(nn.Module):
         self._on = on  # type: ignore[assignment]
         self._need_means = on[5] or on[6]
         self._need_states = on[4] or self._need_means
-        # On the model's device: a CPU buffer beside a CUDA model would be copied to the GPU in every
-        # forward, a host-device synchronisation per call.
-        device = next(model.parameters()).device
+        # On the device of the input weights (the one forward checks pred against): a CPU buffer
+        # beside a CUDA model would be copied to the GPU in every forward, a host-device
+        # synchronisation per call. A meta model keeps real values on the CPU (to_empty, then load).
+        device = model.recurrent_layer.input_layer.weight.device
+        if device.type == "meta":
+            device = torch.device("cpu")
         self.register_buffer("lambdas", torch.tensor([float(v) for v in values], dtype=torch.float64, device=device))
         self._lambda_version = -1  # the (version, data pointer) of the buffer last validated
         self._lambda_ptr = 0
