@@ -4,6 +4,7 @@ import random
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import ALL_ON, ALL_SUBSETS, CUDA, lambdas_for, make_inputs, make_model
 from reference import loss_components
@@ -205,17 +206,40 @@ def test_rate_terms_at_ten_million_rates_within_the_float32_bound(kind, n_hid, l
         assert comps[6].item() == pytest.approx(sigma / mu, rel=bound, abs=0)
 
 
+class _LargestAllocation(TorchDispatchMode):
+    """Records the bytes of the largest tensor any operation allocates (views excluded)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = (0, "")
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view:
+            for t in torch.utils._pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t.numel() * t.element_size() > self.largest[0]:
+                    self.largest = (t.numel() * t.element_size(), str(func))
+        return out
+
+
 @pytest.mark.parametrize("dtype, row_norms, whole", [
     (torch.float32, True, True),     # the eager float32 case: one block, read in place
     (torch.float32, False, False),   # Σ b·b (scripted with gradients): a b² temporary per block
     (torch.float64, False, False),
     (torch.float16, True, False),    # cast to float32 per block
 ])
-@pytest.mark.parametrize("layout", ["contiguous", "batch_first_view"])
-def test_gpu_recipe_reads_float32_rates_whole_and_bounds_every_other_block(dtype, row_norms, whole, layout, monkeypatch):
+@pytest.mark.parametrize("shape, layout", [
+    ((500, 256, 1024), "contiguous"),
+    ((500, 256, 1024), "batch_first_view"),
+    ((2000, 1, 65536), "contiguous"),    # few samples, many neurons: one block would cast them all
+    ((1 << 26, 1, 2), "contiguous"),     # two neurons: per-sample norms as large as the rates
+], ids=["time_first", "batch_first_view", "few_samples_many_neurons", "two_neurons"])
+def test_gpu_recipe_reads_float32_rates_whole_and_bounds_every_temporary(dtype, row_norms, whole, shape, layout,
+                                                                         monkeypatch):
     # Off the CPU the rates are taken in few, large blocks (kernel launches cost more than the
-    # reads), but no temporary — a copy, a cast, b·b — may grow with the whole tensor. Checked on
-    # the meta device, which takes the GPU recipe and computes shapes only.
+    # reads), but no temporary — a copy, a cast, b·b, per-sample norms — may grow with the whole
+    # tensor: each stays within 1/8 of the rates or a float64 block of 2^24 rates. Checked on the
+    # meta device, which takes the GPU recipe and computes shapes only.
     from rnnloss import loss as L
     sizes = []
     parts = L._sample_parts
@@ -225,13 +249,17 @@ def test_gpu_recipe_reads_float32_rates_whole_and_bounds_every_other_block(dtype
         sizes.extend(p.numel() for p in out)
         return out
     monkeypatch.setattr(L, "_sample_parts", spy)
-    states = torch.empty(500, 256, 1024, dtype=dtype, device="meta")
+    states = torch.empty(shape, dtype=dtype, device="meta")
     if layout == "batch_first_view":
-        states = torch.empty(256, 500, 1024, dtype=dtype, device="meta").transpose(0, 1)
-    sumsq, colsum = L._blocked_rate_sums(states, True, True, row_norms)
-    assert sumsq.shape == () and colsum.shape == (1024,) and colsum.dtype == torch.float64
+        states = torch.empty(shape[1], shape[0], shape[2], dtype=dtype, device="meta").transpose(0, 1)
+    with _LargestAllocation() as spy_mode:
+        sumsq, colsum = L._blocked_rate_sums(states, True, True, row_norms)
+    assert sumsq.shape == () and colsum.shape == (shape[-1],) and colsum.dtype == torch.float64
     assert sum(sizes) == states.numel()
-    if whole:
+    largest, op = spy_mode.largest
+    assert largest <= max(states.numel() * states.element_size() // 8, 8 << 24), (largest, op)
+    samples = states.numel() // shape[-1]
+    if whole and samples >= 16384 and shape[-1] >= 16:
         assert sizes == [states.numel()]
     else:
         assert max(sizes) <= 2 ** 24

@@ -172,9 +172,10 @@ def _blocked_rate_sums(states: Tensor, need_sq: bool, need_col: bool, row_norms:
     then column sums — so the second read comes from the cache. A GPU (any device but the CPU):
     a kernel launch costs about as much as reading 2^24 rates, so float32 rates whose Σ r² is
     taken as row norms are one block when they are contiguous in some order of their sample axes
-    (nothing is copied or squared into a temporary); otherwise (other dtypes, Σ b·b, layouts that
-    must be copied) blocks of about 2^24 rates, which bounds each temporary; each reduction reads
-    its block once at memory speed.
+    and hold at least 16 neurons and 16384 samples (nothing is copied or squared but per-sample
+    norms and per-neuron sums, each within 1/8 of the rates); otherwise (other dtypes, Σ b·b,
+    layouts that must be copied, fewer neurons or samples) blocks of about 2^24 rates, which bounds
+    each temporary; each reduction reads its block once at memory speed.
 
     Within a block Σ b² is in the accumulation dtype (~1e-7 relative) and the column sums are
     taken over groups of 1024 rows (:func:`_neuron_sums_f64`; a float32 partial sum overflows
@@ -193,7 +194,9 @@ def _blocked_rate_sums(states: Tensor, need_sq: bool, need_col: bool, row_norms:
     if step >= 2048:
         step = step // 1024 * 1024  # whole groups of 1024 rows for the column sums
     norms_ok = row_norms and (gpu or n_hid <= 1024)
-    whole = gpu and norms_ok and acc == states.dtype
+    # One block keeps every temporary within 1/8 of the rates: the float64 norms (8 bytes a sample)
+    # need 16 neurons or more, the column sums' float64 rest (under 1024 samples) 16384 samples.
+    whole = gpu and norms_ok and acc == states.dtype and n_hid >= 16 and states.numel() >= 16384 * n_hid
     squares: List[Tensor] = []
     columns: List[Tensor] = []
     parts = _sample_parts(states, -1 if whole else step, step)
