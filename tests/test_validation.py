@@ -231,6 +231,49 @@ def test_writes_that_bypass_the_version_counter_are_caught_on_the_cpu():
         loss(pred, label, states)
 
 
+
+_HALF_SCRIPTED = """
+import sys, torch
+import rnnloss.loss
+from rnnloss import RNNLoss
+sys.path.insert(0, {tests!r})
+from conftest import ALL_ON, make_inputs, make_model
+if {gpu_logic!r}:
+    def _never_free(t: torch.Tensor) -> bool:
+        return False
+    rnnloss.loss._readback_is_free = _never_free  # before anything is scripted: compiled in
+model = make_model((3, 8, 2))
+pred, label, states = make_inputs(model, 5, 3)
+scripted = torch.jit.script(RNNLoss(model, **ALL_ON))
+scripted(pred, label, states)  # checked once: the version counter (0) is recorded
+scripted.half()                # a new float16 buffer, its version counter 0 again
+assert scripted.lambdas.dtype == torch.float16 and scripted.lambdas._version == 0
+try:
+    scripted(pred.half(), label.half(), states.half())
+except torch.jit.Error as e:
+    print(str(e).strip().splitlines()[-1])
+else:
+    print("accepted")
+"""
+
+
+@pytest.mark.parametrize("gpu_logic", [False, True], ids=["cpu_logic", "gpu_logic"])
+def test_a_scripted_module_converted_to_half_refuses_its_rounded_lambdas(gpu_logic, tmp_path):
+    # A ScriptModule's .half() converts every floating buffer (the eager module's _apply, which
+    # keeps λ float64, does not carry into it). The forward must refuse the rounded λ, also where
+    # the values are read back only after a write (a GPU): the new buffer's version counter equals
+    # the old one's. A fresh process, since TorchScript caches what it compiled for RNNLoss (and a
+    # file, since it compiles from source).
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = tmp_path / "half_scripted.py"
+    script.write_text(_HALF_SCRIPTED.format(tests=str(Path(__file__).parent), gpu_logic=gpu_logic))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("lambdas must be a float64 tensor of shape [7], got dtype torch.float16 and "
+                                       "shape [7]"), out.stdout
+
 def test_a_replaced_float32_buffer_is_refused_and_a_float32_state_dict_loads_as_float64(model):
     loss = RNNLoss(model, lambda_fr=0.01)
     pred = torch.zeros(2, 2, 2)

@@ -124,7 +124,8 @@ RNNLossImpl::RNNLossImpl(CTRNN model_, const RNNLossOptions& options) {
   need_states_ = on_[kFr] || need_means_;
   // On the device of the input weights (the one forward checks pred against): a CPU buffer beside
   // a CUDA model would be copied to the GPU in every forward, a host-device synchronisation per
-  // call. A meta model keeps real values on the CPU, as in Python.
+  // call. A meta model would keep real values on the CPU, as in Python (libtorch's Module::to cannot
+  // move a model to meta today, so this only guards a model built there by other means).
   auto device = model->recurrent_layer->input_layer->weight.device();
   if (device.is_meta()) device = torch::kCPU;
   lambdas = register_buffer("lambdas", torch::tensor(std::vector<double>(values.begin(), values.end()),
@@ -168,14 +169,15 @@ void RNNLossImpl::set_lambda(const std::string& name, double value) {
 }
 
 void RNNLossImpl::check_lambdas() {
-  // On CUDA read back only after a write (version counter) or a new buffer (to() replaces its
-  // data): a read-back there is a host-device synchronisation. On the CPU, every call (as Python).
-  auto version = static_cast<int64_t>(lambdas._version());
-  const void* data = lambdas.data_ptr();
-  if (lambdas.is_cuda() && version == checked_version_ && data == checked_data_) return;
+  // dtype and shape on every call (metadata). The values: off the CPU only after a write (version
+  // counter) or a new buffer (to() replaces its data), since a read-back there is a host-device
+  // synchronisation; on the CPU, every call (as Python).
   TORCH_CHECK_VALUE(lambdas.scalar_type() == torch::kFloat64 && lambdas.dim() == 1 && lambdas.size(0) == 7,
                     "lambdas must be a float64 tensor of shape [7], got dtype ", detail::dtype_name(lambdas),
                     " and shape ", detail::shape_of(lambdas));
+  auto version = static_cast<int64_t>(lambdas._version());
+  const void* data = lambdas.data_ptr();
+  if (!lambdas.is_cpu() && version == checked_version_ && data == checked_data_) return;
   auto values = lambdas.to(torch::kCPU, torch::kFloat64).contiguous();
   const double* v = values.data_ptr<double>();
   for (size_t i = 0; i < 7; ++i) {

@@ -549,9 +549,15 @@ class RNNLoss(nn.Module):
         return self
 
     def _check_lambdas(self) -> None:
-        """Validate ``lambdas``: on every call on the CPU (7 numbers), on CUDA only when written since
-        the last check (its version counter or, in eager mode, its storage changed), since a
-        read-back there is a host–device synchronisation."""
+        """Validate ``lambdas``: its dtype and shape on every call (metadata, free); its values on every
+        call on the CPU (7 numbers), elsewhere only when written since the last check (its version
+        counter or, in eager mode, its storage changed), since a read-back there is a host–device
+        synchronisation."""
+        # A scripted module's .half() / .to(dtype) converts the buffer (the eager module's _apply
+        # keeps it float64): refused here, not used rounded.
+        if self.lambdas.dtype != torch.float64 or self.lambdas.dim() != 1 or self.lambdas.size(0) != 7:
+            raise ValueError("lambdas must be a float64 tensor of shape [7], got dtype {} and shape {}".format(
+                dtype_name(self.lambdas), shape_of(self.lambdas)))
         ptr = 0  # TorchScript has no data_ptr(); there the version alone tells a write
         if torch.jit.is_scripting():
             version = self.lambdas._version()
@@ -562,9 +568,6 @@ class RNNLoss(nn.Module):
             ptr = self.lambdas.data_ptr()
         if not _readback_is_free(self.lambdas) and version == self._lambda_version and ptr == self._lambda_ptr:
             return
-        if self.lambdas.dtype != torch.float64 or self.lambdas.dim() != 1 or self.lambdas.size(0) != 7:
-            raise ValueError("lambdas must be a float64 tensor of shape [7], got dtype {} and shape {}".format(
-                dtype_name(self.lambdas), shape_of(self.lambdas)))
         values: List[float] = self.lambdas.tolist()
         for i in range(len(values)):
             value = values[i]
@@ -739,8 +742,9 @@ class RNNLoss(nn.Module):
 
 
 def _readback_is_free(t: Tensor) -> bool:
-    """Reading ``t`` back costs no host–device synchronisation (it lives on the CPU)."""
-    return not t.is_cuda
+    """Reading ``t`` back costs no host–device synchronisation: it lives on the CPU (on CUDA, or any
+    other accelerator the model was moved to, it would)."""
+    return t.device.type == "cpu"
 
 
 @torch.jit.unused
