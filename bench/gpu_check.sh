@@ -8,9 +8,11 @@
 #   Python: the CUDA tests, then export --device cuda with its parity table.
 # ONNX Runtime's CUDAExecutionProvider: put onnxruntime-gpu first on PYTHONPATH. If it is still
 # being copied in when this starts, set RNNLOSS_GPU_WAIT_FOR=FILE: the Python lane waits (up to 15
-# minutes) for FILE to exist, while the C++ lane builds. Where the provider does not load with the
-# loader path as it is, the lib folders of the nvidia-* wheels are added to LD_LIBRARY_PATH (the
-# report says whether that was needed).
+# minutes) for FILE to exist, while the C++ lane builds; with it set, a FILE that never comes or a
+# provider that does not load is a FAILED step (without it, the placement check is skipped). Where
+# the provider does not load with the loader path as it is, the lib folders of the nvidia-* wheels
+# are added to LD_LIBRARY_PATH (the report says whether that was needed). No visible GPU is a FAILED
+# step too (the rest still runs, for a dry run of the script).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPORT=${1:-gpu-report}
@@ -18,8 +20,16 @@ PYTHON=${PYTHON:-python3}
 mkdir -p "$REPORT"
 REPORT=$(cd "$REPORT" && pwd)
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD/src"
+# Nothing of an earlier run in this folder may pass for this run's: its logs, status files and
+# C++ program (the build folder itself is kept for an incremental build).
+for step in environment cpp_build cpp_build_with_wheel_cuda pytest_cuda export_cuda ort_cuda_placement \
+    cpp_train_cuda_native cpp_train_cuda_torchscript bench_cuda; do rm -f "$REPORT/$step.txt"; done
+rm -f "$REPORT/.export-status" "$REPORT/.cpp-build-ok" "$REPORT/.cpp-build-retried-ok" "$REPORT/build/train_ctrnn"
 : > "$REPORT/summary.txt"
-rm -f "$REPORT/.export-status" "$REPORT/.cpp-build-retried-ok"  # the C++ lane waits for this run's export
+
+failed() {  # failed NAME WHY: a FAILED line for a check that could not run as asked
+  echo "FAILED  $1 ($2)" | tee -a "$REPORT/summary.txt"
+}
 
 run() {  # run NAME CMD...: log to $REPORT/NAME.txt, one line to summary.txt
   local name=$1 start=$SECONDS rc=0; shift
@@ -39,12 +49,16 @@ run() {  # run NAME CMD...: log to $REPORT/NAME.txt, one line to summary.txt
   $PYTHON -c 'import sys, torch; print("python", sys.version.split()[0]); print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version(), torch.cuda.get_device_name() if torch.cuda.is_available() else "NO GPU")'
 } > "$REPORT/environment.txt" 2>&1
 cat "$REPORT/environment.txt"
+if ! "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+  failed gpu_visible "torch sees no CUDA GPU: every CUDA test would be skipped; the other steps run anyway"
+fi
 
 cpp_lane() {
   local prefix
   prefix=$("$PYTHON" -c 'import torch; print(torch.utils.cmake_prefix_path)')
-  if ! run cpp_build bash -c "cmake -S cpp -B '$REPORT/build' -DCMAKE_PREFIX_PATH='$prefix' && cmake --build '$REPORT/build' -j" \
-      && command -v nvcc > /dev/null; then
+  if run cpp_build bash -c "cmake -S cpp -B '$REPORT/build' -DCMAKE_PREFIX_PATH='$prefix' && cmake --build '$REPORT/build' -j"; then
+    touch "$REPORT/.cpp-build-ok"
+  elif command -v nvcc > /dev/null; then
     # torch's CMake wants a CUDA toolkit with cudart's headers and libraries; where the system has
     # only nvcc, point it at the nvidia-* wheels' copies through a folder of links.
     local shim="$REPORT/cuda-from-wheels" cu
@@ -52,10 +66,14 @@ cpp_lane() {
     rm -rf "$shim" "$REPORT/build" && mkdir -p "$shim/bin" "$shim/lib64" && ln -s "$(dirname "$(command -v nvcc)")"/* "$shim/bin/" && ln -s "$cu/include" "$shim/include"
     for f in "$cu"/lib/*.so.*; do b=$(basename "$f"); ln -sf "$f" "$shim/lib64/$b"; ln -sf "$f" "$shim/lib64/${b%%.so.*}.so"; done
     if run cpp_build_with_wheel_cuda bash -c "cmake -S cpp -B '$REPORT/build' -DCMAKE_PREFIX_PATH='$prefix' -DCUDA_TOOLKIT_ROOT_DIR='$shim' -DCUDAToolkit_ROOT='$shim' && cmake --build '$REPORT/build' -j"; then
-      touch "$REPORT/.cpp-build-retried-ok"  # the retry built it: the first FAILED line is amended at the end
+      touch "$REPORT/.cpp-build-ok" "$REPORT/.cpp-build-retried-ok"  # the first FAILED line is amended at the end
     fi
   fi
   while [ ! -e "$REPORT/.export-status" ]; do sleep 2; done
+  if [ ! -e "$REPORT/.cpp-build-ok" ]; then
+    echo "skipped cpp_train_cuda_*: the C++ build failed (above)" | tee -a "$REPORT/summary.txt"
+    return
+  fi
   if [ "$(cat "$REPORT/.export-status")" != 0 ]; then
     echo "skipped cpp_train_cuda_*: the export failed, no artifacts to train from" | tee -a "$REPORT/summary.txt"
     return
@@ -90,6 +108,7 @@ python_lane() {
     local waited=0
     while [ ! -e "$RNNLOSS_GPU_WAIT_FOR" ] && [ $waited -lt 900 ]; do sleep 2; waited=$((waited + 2)); done
     echo "waited ${waited} s for $RNNLOSS_GPU_WAIT_FOR" >> "$REPORT/environment.txt"
+    [ -e "$RNNLOSS_GPU_WAIT_FOR" ] || failed wait_for "RNNLOSS_GPU_WAIT_FOR=$RNNLOSS_GPU_WAIT_FOR did not appear in $waited s"
   fi
   {
     for m in onnx onnxruntime onnxscript; do $PYTHON -c "import $m; print('$m', $m.__version__)" 2>&1 | tail -1; done
@@ -105,16 +124,24 @@ python_lane() {
   } >> "$REPORT/environment.txt" 2>&1  # a { } group: the export above stays in this shell
   run pytest_cuda "$PYTHON" -m pytest -m cuda -rs -q -p no:cacheprovider tests
   run export_cuda "$PYTHON" export/export.py --device cuda --force --out "$REPORT/artifacts"
-  echo $? > "$REPORT/.export-status"
-  if grep -q "^CUDAExecutionProvider loads" "$REPORT/environment.txt"; then
-    run ort_cuda_placement "$PYTHON" bench/ort_placement.py "$REPORT/artifacts"
+  local export_status=$?
+  echo $export_status > "$REPORT/.export-status.tmp" && mv "$REPORT/.export-status.tmp" "$REPORT/.export-status"
+  if ! grep -q "^CUDAExecutionProvider loads" "$REPORT/environment.txt"; then
+    if [ -n "${RNNLOSS_GPU_WAIT_FOR:-}" ]; then  # onnxruntime-gpu was staged for this run
+      failed ort_cuda_provider "onnxruntime-gpu was staged (RNNLOSS_GPU_WAIT_FOR) but CUDAExecutionProvider does not load: see environment.txt"
+    else
+      echo "skipped ort_cuda_placement: onnxruntime has no CUDAExecutionProvider here" | tee -a "$REPORT/summary.txt"
+    fi
+  elif [ $export_status != 0 ]; then
+    echo "skipped ort_cuda_placement: the export failed, no artifacts to place" | tee -a "$REPORT/summary.txt"
   else
-    echo "skipped ort_cuda_placement: onnxruntime has no CUDAExecutionProvider here" | tee -a "$REPORT/summary.txt"
+    run ort_cuda_placement "$PYTHON" bench/ort_placement.py "$REPORT/artifacts"
   fi
 }
 
 cpp_lane &
 cpp_pid=$!
+trap 'kill $cpp_pid 2>/dev/null' EXIT  # never leave the C++ lane waiting for an export that will not come
 python_lane
 wait $cpp_pid
 run bench_cuda "$PYTHON" bench/bench_loss.py --device cuda --rounds 21 --cpp "$REPORT/build/train_ctrnn"
