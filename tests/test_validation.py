@@ -217,6 +217,20 @@ def test_a_loss_built_on_a_meta_model_keeps_real_lambdas_and_materialises():
     torch.testing.assert_close(loss(pred, label, states)[1], real(pred, label, states)[1], rtol=0, atol=0)
 
 
+
+def test_a_loss_moved_to_meta_materialises_with_lambdas_that_forward_refuses_until_loaded():
+    # .to("meta") drops every value; to_empty() must not fail on the λ buffer (the usual
+    # materialise-then-load flow), and the uninitialised λ must never be used: NaN until loaded.
+    real = RNNLoss(make_model((3, 8, 2)), **ALL_ON)
+    loss = RNNLoss(make_model((3, 8, 2)), **ALL_ON).to("meta")
+    loss.to_empty(device="cpu")
+    assert loss.lambdas.dtype == torch.float64 and loss.lambdas.device.type == "cpu"
+    pred, label, states = make_inputs(real.model, 4, 3)
+    with pytest.raises(ValueError, match=r"lambdas\[0\] \('mse'\) must be finite and >= 0; it was set to NaN"):
+        loss(pred, label, states)
+    loss.load_state_dict(real.state_dict())
+    torch.testing.assert_close(loss(pred, label, states)[1], real(pred, label, states)[1], rtol=0, atol=0)
+
 def test_writes_that_bypass_the_version_counter_are_caught_on_the_cpu():
     # On the CPU the buffer is checked in every call (no synchronisation to save there).
     model, pred, label, states = _inputs()

@@ -545,7 +545,13 @@ class RNNLoss(nn.Module):
         # .float(), .half(), .to(dtype) would round λ: keep the buffer float64, move its device only.
         lambdas = self.lambdas
         super()._apply(fn, recurse)
-        self._buffers["lambdas"] = lambdas.to(device=self._buffers["lambdas"].device)
+        device = self._buffers["lambdas"].device
+        if lambdas.is_meta and device.type != "meta":
+            # to_empty() after .to("meta"): the values are gone; NaN, which forward refuses, until
+            # load_state_dict brings them.
+            self._buffers["lambdas"] = torch.full((7,), math.nan, dtype=torch.float64, device=device)
+        else:
+            self._buffers["lambdas"] = lambdas.to(device=device)
         return self
 
     def _check_lambdas(self) -> None:
