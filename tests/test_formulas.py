@@ -222,24 +222,31 @@ class _LargestAllocation(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("dtype, row_norms, whole", [
-    (torch.float32, True, True),     # the eager float32 case: one block, read in place
-    (torch.float32, False, False),   # Σ b·b (scripted with gradients): a b² temporary per block
-    (torch.float64, False, False),
-    (torch.float16, True, False),    # cast to float32 per block
+_META_LAYOUTS = {  # (rates on the meta device, whether float32 rates summed by row norms are one block)
+    "time_first": (lambda dt: torch.empty(500, 256, 1024, dtype=dt, device="meta"), True),
+    "batch_first_view": (lambda dt: torch.empty(256, 500, 1024, dtype=dt, device="meta").transpose(0, 1), True),
+    "few_samples_many_neurons": (lambda dt: torch.empty(2000, 1, 65536, dtype=dt, device="meta"), False),
+    "two_neurons": (lambda dt: torch.empty(1 << 26, 1, 2, dtype=dt, device="meta"), False),
+    "neuron_subset_of_one_sequence": (lambda dt: torch.empty(1, 100000, 1024, dtype=dt, device="meta")[..., :512],
+                                      False),
+    "neuron_major_buffer": (lambda dt: torch.empty(16, 1 << 22, dtype=dt, device="meta").t().unsqueeze(1), False),
+    "64_samples_of_4m_neurons": (lambda dt: torch.empty(64, 1 << 22, dtype=dt, device="meta"), False),
+}
+
+
+@pytest.mark.parametrize("dtype, row_norms", [
+    (torch.float32, True),     # the eager float32 case: one block, read in place, where large enough
+    (torch.float32, False),    # Σ b·b (scripted with gradients): a b² temporary per block
+    (torch.float64, False),
+    (torch.float16, True),     # cast to float32 per block
+    (torch.bfloat16, False),
 ])
-@pytest.mark.parametrize("shape, layout", [
-    ((500, 256, 1024), "contiguous"),
-    ((500, 256, 1024), "batch_first_view"),
-    ((2000, 1, 65536), "contiguous"),    # few samples, many neurons: one block would cast them all
-    ((1 << 26, 1, 2), "contiguous"),     # two neurons: per-sample norms as large as the rates
-], ids=["time_first", "batch_first_view", "few_samples_many_neurons", "two_neurons"])
-def test_gpu_recipe_reads_float32_rates_whole_and_bounds_every_temporary(dtype, row_norms, whole, shape, layout,
-                                                                         monkeypatch):
+@pytest.mark.parametrize("layout", list(_META_LAYOUTS))
+def test_gpu_recipe_reads_float32_rates_whole_and_bounds_every_temporary(dtype, row_norms, layout, monkeypatch):
     # Off the CPU the rates are taken in few, large blocks (kernel launches cost more than the
-    # reads), but no temporary — a copy, a cast, b·b, per-sample norms — may grow with the whole
-    # tensor: each stays within 1/8 of the rates or a float64 block of 2^24 rates. Checked on the
-    # meta device, which takes the GPU recipe and computes shapes only.
+    # reads), but no temporary — a copy, a cast, b·b, per-sample norms, a stack of block sums — may
+    # grow with the whole tensor: each stays within 1/8 of the rates or a float64 block of 2^24
+    # rates. Checked on the meta device, which takes the GPU recipe and computes shapes only.
     from rnnloss import loss as L
     sizes = []
     parts = L._sample_parts
@@ -249,17 +256,15 @@ def test_gpu_recipe_reads_float32_rates_whole_and_bounds_every_temporary(dtype, 
         sizes.extend(p.numel() for p in out)
         return out
     monkeypatch.setattr(L, "_sample_parts", spy)
-    states = torch.empty(shape, dtype=dtype, device="meta")
-    if layout == "batch_first_view":
-        states = torch.empty(shape[1], shape[0], shape[2], dtype=dtype, device="meta").transpose(0, 1)
+    build, whole = _META_LAYOUTS[layout]
+    states = build(dtype)
     with _LargestAllocation() as spy_mode:
         sumsq, colsum = L._blocked_rate_sums(states, True, True, row_norms)
-    assert sumsq.shape == () and colsum.shape == (shape[-1],) and colsum.dtype == torch.float64
+    assert sumsq.shape == () and colsum.shape == (states.size(-1),) and colsum.dtype == torch.float64
     assert sum(sizes) == states.numel()
     largest, op = spy_mode.largest
     assert largest <= max(states.numel() * states.element_size() // 8, 8 << 24), (largest, op)
-    samples = states.numel() // shape[-1]
-    if whole and samples >= 16384 and shape[-1] >= 16:
+    if whole and dtype == torch.float32 and row_norms:
         assert sizes == [states.numel()]
     else:
         assert max(sizes) <= 2 ** 24

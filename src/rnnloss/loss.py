@@ -146,22 +146,37 @@ def _neuron_sums_f64(states: Tensor) -> Tensor:
 
 def _sample_parts(states: Tensor, rows: int, copied_rows: int) -> List[Tensor]:
     """Views of ``states`` in memory order, each holding about ``rows`` samples (all of them when
-    ``rows`` is -1), or ``copied_rows`` where a part must be copied; ``reshape(-1, N_hid)`` of each
-    gives its (samples, N_hid) rows.
+    ``rows`` is -1), or at most ``copied_rows`` where a part must be copied; ``reshape(-1, N_hid)``
+    of each gives its (samples, N_hid) rows.
 
     When the rates are contiguous in some order of their sample axes
-    (:func:`_samples_in_memory_order`) or 2-D, the parts are row blocks and that reshape is a view;
-    otherwise they are slices of the first sample axis holding about ``copied_rows`` samples each,
-    and the reshape copies one part at a time, never the whole tensor (expanded or neuron-strided
-    rates).
+    (:func:`_samples_in_memory_order`) or 2-D, the parts are row blocks and that reshape is a view.
+    Otherwise (expanded or neuron-strided rates) they are slices along the sample axes in memory
+    order — the first axis, then within a slice still too large the next, size-1 axes skipped — so
+    that the reshape copies one part at a time, never more than ``copied_rows`` samples.
     """
     ordered = _samples_in_memory_order(states)
     n_hid = ordered.size(-1)
     if ordered.dim() <= 2 or ordered.is_contiguous():
         rows_all = ordered.reshape(-1, n_hid)
         return [rows_all] if rows == -1 else rows_all.split(rows)
-    per_slice = max(1, ordered[0].numel() // max(1, n_hid))
-    return ordered.split(max(1, copied_rows // per_slice))
+    parts: List[Tensor] = []
+    pending: List[Tensor] = [ordered]  # a stack, children pushed in reverse: parts stay in memory order
+    while len(pending) > 0:
+        part = pending.pop()
+        if part.numel() <= copied_rows * n_hid or part.dim() <= 1:
+            parts.append(part)
+            continue
+        if part.dim() == 2:
+            children = part.split(copied_rows)  # its rows are samples
+        elif part.size(0) == 1:
+            children = [part[0]]
+        else:
+            per_slice = max(1, part[0].numel() // max(1, n_hid))
+            children = part.split(max(1, copied_rows // per_slice))
+        for k in range(len(children) - 1, -1, -1):
+            pending.append(children[k])
+    return parts
 
 
 def _blocked_rate_sums(states: Tensor, need_sq: bool, need_col: bool, row_norms: bool) -> Tuple[Tensor, Tensor]:
@@ -197,11 +212,12 @@ def _blocked_rate_sums(states: Tensor, need_sq: bool, need_col: bool, row_norms:
     # One block keeps every temporary within 1/8 of the rates: the float64 norms (8 bytes a sample)
     # need 16 neurons or more, the column sums' float64 rest (under 1024 samples) 16384 samples.
     whole = gpu and norms_ok and acc == states.dtype and n_hid >= 16 and states.numel() >= 16384 * n_hid
+    zero = torch.zeros((), dtype=torch.float64, device=states.device)
     squares: List[Tensor] = []
-    columns: List[Tensor] = []
+    colsum = zero
     parts = _sample_parts(states, -1 if whole else step, step)
     exact_columns = len(parts) == 1 and not gpu  # a cache-sized block: float64 sums (on a GPU, a copy)
-    for part in parts:
+    for i, part in enumerate(parts):
         block = part.reshape(-1, n_hid).to(acc)
         if need_sq:
             if norms_ok:
@@ -209,12 +225,11 @@ def _blocked_rate_sums(states: Tensor, need_sq: bool, need_col: bool, row_norms:
                 squares.append((norms * norms).sum())
             else:
                 squares.append((block * block).sum().to(torch.float64))
-        if need_col:
-            columns.append(block.to(torch.float64).sum(0) if exact_columns else _neuron_sums_f64(block))
-    zero = torch.zeros((), dtype=torch.float64, device=states.device)
+        if need_col:  # added block by block: no stack of per-block sums (N_hid floats each)
+            col = block.to(torch.float64).sum(0) if exact_columns else _neuron_sums_f64(block)
+            colsum = col if i == 0 else colsum + col
     sumsq = (squares[0] if len(squares) == 1 else torch.stack(squares).sum()) if need_sq else zero
-    colsum = (columns[0] if len(columns) == 1 else torch.stack(columns).sum(0)) if need_col else zero
-    return sumsq, colsum
+    return sumsq, (colsum if need_col else zero)
 
 
 def _plain_rate_sums(states: Tensor, need_sq: bool, need_col: bool) -> Tuple[Tensor, Tensor]:
