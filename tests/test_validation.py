@@ -182,10 +182,11 @@ def test_lambdas_are_read_back_only_after_a_write_where_that_costs_a_synchronisa
     monkeypatch.setattr(rnnloss.loss, "_readback_is_free", lambda t: False)
     for _ in range(3):
         loss(pred, label, states)
+    assert reads.count(torch.Size([7])) == 1  # the first call: nothing validated off the CPU yet
     loss.set_lambda("fr", 0.2)
     loss(pred, label, states)
     loss(pred, label, states)
-    assert reads.count(torch.Size([7])) == 1  # only after the write
+    assert reads.count(torch.Size([7])) == 2  # then only after the write
 
 
 def test_state_dict_with_a_nonzero_lambda_for_an_inactive_component_is_refused(model):
@@ -246,8 +247,8 @@ def test_writes_that_bypass_the_version_counter_are_caught_on_the_cpu():
 
 
 
-_HALF_SCRIPTED = """
-import sys, torch
+_CHANGED_SCRIPTED = """
+import io, sys, torch
 import rnnloss.loss
 from rnnloss import RNNLoss
 sys.path.insert(0, {tests!r})
@@ -258,35 +259,83 @@ if {gpu_logic!r}:
     rnnloss.loss._readback_is_free = _never_free  # before anything is scripted: compiled in
 model = make_model((3, 8, 2))
 pred, label, states = make_inputs(model, 5, 3)
-scripted = torch.jit.script(RNNLoss(model, **ALL_ON))
-scripted(pred, label, states)  # checked once: the version counter (0) is recorded
-scripted.half()                # a new float16 buffer, its version counter 0 again
-assert scripted.lambdas.dtype == torch.float16 and scripted.lambdas._version == 0
-try:
-    scripted(pred.half(), label.half(), states.half())
-except torch.jit.Error as e:
-    print(str(e).strip().splitlines()[-1])
-else:
-    print("accepted")
+base = torch.jit.script(RNNLoss(model, **ALL_ON))
+
+
+def saved_and_loaded(module):
+    buffer = io.BytesIO()
+    torch.jit.save(module, buffer)
+    buffer.seek(0)
+    return torch.jit.load(buffer)
+
+
+def fresh():
+    loaded = saved_and_loaded(base)
+    loaded(pred, label, states)  # validated once
+    return loaded
+
+
+def half(m):  # converts every floating buffer: a new float16 λ, its version counter 0 again
+    m.half()
+    return m, (pred.half(), label.half(), states.half())
+
+
+def written_then_moved(m):  # as .cuda() after a write on the CPU: new tensors, version 0 again
+    m.lambdas[5] = -0.5
+    m._apply(lambda t: t.clone())
+    return m, (pred, label, states)
+
+
+def assigned(m):
+    m.lambdas = torch.tensor([1.0, 1e-3, 1e-3, 1e-3, 1e-2, float("nan"), 1e-2], dtype=torch.float64)
+    return m, (pred, label, states)
+
+
+def written_then_saved(m):  # loaded: every version counter 0 again, the attributes as saved
+    m.lambdas[5] = -0.5
+    return saved_and_loaded(m), (pred, label, states)
+
+
+def loaded_then_written_once(m):
+    m = saved_and_loaded(m)
+    m.lambdas[5] = -0.5
+    return m, (pred, label, states)
+
+
+for case in (half, written_then_moved, assigned, written_then_saved, loaded_then_written_once):
+    module, inputs = case(fresh())
+    try:
+        module(*inputs)
+    except torch.jit.Error as e:
+        print(case.__name__, "refused:", str(e).strip().splitlines()[-1])
+    else:
+        print(case.__name__, "accepted")
 """
 
 
 @pytest.mark.parametrize("gpu_logic", [False, True], ids=["cpu_logic", "gpu_logic"])
-def test_a_scripted_module_converted_to_half_refuses_its_rounded_lambdas(gpu_logic, tmp_path):
-    # A ScriptModule's .half() converts every floating buffer (the eager module's _apply, which
-    # keeps λ float64, does not carry into it). The forward must refuse the rounded λ, also where
-    # the values are read back only after a write (a GPU): the new buffer's version counter equals
-    # the old one's. A fresh process, since TorchScript caches what it compiled for RNNLoss (and a
-    # file, since it compiles from source).
+def test_a_scripted_module_refuses_lambdas_changed_by_conversion_assignment_moves_and_files(gpu_logic, tmp_path):
+    # Off the CPU the scripted module reads λ back only when the buffer may have changed. TorchScript
+    # has no data pointer, and a converted, moved, assigned or loaded buffer is a new tensor whose
+    # version counter is 0 again; each of these ways to an invalid λ must still be refused. A fresh
+    # process, since TorchScript caches what it compiled for RNNLoss (and a file, since it compiles
+    # from source).
     import subprocess
     import sys
     from pathlib import Path
-    script = tmp_path / "half_scripted.py"
-    script.write_text(_HALF_SCRIPTED.format(tests=str(Path(__file__).parent), gpu_logic=gpu_logic))
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    script = tmp_path / "changed_scripted.py"
+    script.write_text(_CHANGED_SCRIPTED.format(tests=str(Path(__file__).parent), gpu_logic=gpu_logic))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().endswith("lambdas must be a float64 tensor of shape [7], got dtype torch.float16 and "
-                                       "shape [7]"), out.stdout
+    negative = "builtins.ValueError: lambdas[5] ('fr_sd') must be finite and >= 0; it was set to a negative value"
+    assert out.stdout.splitlines() == [
+        "half refused: builtins.ValueError: lambdas must be a float64 tensor of shape [7], got dtype torch.float16 "
+        "and shape [7]",
+        "written_then_moved refused: " + negative,
+        "assigned refused: builtins.ValueError: lambdas[5] ('fr_sd') must be finite and >= 0; it was set to NaN",
+        "written_then_saved refused: " + negative,
+        "loaded_then_written_once refused: " + negative,
+    ], out.stdout
 
 def test_a_replaced_float32_buffer_is_refused_and_a_float32_state_dict_loads_as_float64(model):
     loss = RNNLoss(model, lambda_fr=0.01)

@@ -170,14 +170,15 @@ void RNNLossImpl::set_lambda(const std::string& name, double value) {
 
 void RNNLossImpl::check_lambdas() {
   // dtype and shape on every call (metadata). The values: off the CPU only after a write (version
-  // counter) or a new buffer (to() replaces its data), since a read-back there is a host-device
-  // synchronisation; on the CPU, every call (as Python).
+  // counter) or on another buffer (to(), assignment: not the tensor last validated, which is held
+  // so that its memory cannot come back as a new buffer's), since a read-back there is a
+  // host-device synchronisation; on the CPU, every call (as Python).
   TORCH_CHECK_VALUE(lambdas.scalar_type() == torch::kFloat64 && lambdas.dim() == 1 && lambdas.size(0) == 7,
                     "lambdas must be a float64 tensor of shape [7], got dtype ", detail::dtype_name(lambdas),
                     " and shape ", detail::shape_of(lambdas));
   auto version = static_cast<int64_t>(lambdas._version());
   const void* data = lambdas.data_ptr();
-  if (!lambdas.is_cpu() && version == checked_version_ && data == checked_data_) return;
+  if (!lambdas.is_cpu() && lambdas.is_same(checked_) && version == checked_version_ && data == checked_data_) return;
   auto values = lambdas.to(torch::kCPU, torch::kFloat64).contiguous();
   const double* v = values.data_ptr<double>();
   for (size_t i = 0; i < 7; ++i) {
@@ -189,6 +190,7 @@ void RNNLossImpl::check_lambdas() {
                       "' is inactive (its lambda was 0 at construction); build the loss with a non-zero lambda_",
                       name);
   }
+  checked_ = lambdas;
   checked_version_ = version;
   checked_data_ = data;
 }

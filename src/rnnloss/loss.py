@@ -464,11 +464,12 @@ class RNNLoss(nn.Module):
     CPU for a meta model), it moves with ``.to(device)``,
     keeps float64 under ``.float()``/``.half()`` (so float64 inputs get λ exactly), is saved in
     ``state_dict`` and can be changed at run time to anneal an active component. ``forward``
-    validates the buffer — on the CPU in every call; on CUDA after each write to it, seen through
-    the tensor's version counter, so it is read back once per write, not once per call (a write
-    that bypasses the counter, through ``.data``, goes unseen there): a negative, NaN or infinite
-    λ, a non-zero λ for an inactive component, or a buffer that is not float64 [7] raises
-    ValueError. Loading a
+    validates the buffer — its dtype and shape in every call; its values on the CPU in every call,
+    elsewhere when the buffer may have changed (written in place, seen through its version
+    counter; another tensor; a module from a file or a copy), so it is read back once per change,
+    not once per call (a write that bypasses the counter, through ``.data``, goes unseen there):
+    a negative, NaN or infinite λ, a non-zero λ for an inactive component, or a buffer that is not
+    float64 [7] raises ValueError. Loading a
     state_dict that gives an inactive component a non-zero λ raises too. Under ``torch.compile``
     and in exported graphs the buffer is not re-validated (a graph holds no data-dependent check).
 
@@ -491,6 +492,9 @@ class RNNLoss(nn.Module):
     n_hid: Final[int]
     _lambda_version: int
     _lambda_ptr: int
+    _lambda_checked: Tensor
+    _lambda_mark: Tensor
+    _lambda_mark_version: int
     _lambda_max: Final[float]
 
     def __init__(
@@ -540,8 +544,14 @@ class RNNLoss(nn.Module):
         if device.type == "meta":
             device = torch.device("cpu")
         self.register_buffer("lambdas", torch.tensor([float(v) for v in values], dtype=torch.float64, device=device))
-        self._lambda_version = -1  # the (version, data pointer) of the buffer last validated
+        # What tells a validated λ buffer from a changed one off the CPU (see _check_lambdas): the buffer
+        # last validated itself, its version counter and data pointer, and a CPU marker bumped by each
+        # validation (a module fresh from a file has every version counter at 0).
+        self._lambda_checked = torch.empty(0, dtype=torch.float64)
+        self._lambda_version = -1
         self._lambda_ptr = 0
+        self._lambda_mark = torch.zeros(1)
+        self._lambda_mark_version = -1
         self._lambda_max = FLOAT32_MAX
         self._register_load_state_dict_pre_hook(_refuse_inactive_lambdas, with_module=True)
 
@@ -571,9 +581,11 @@ class RNNLoss(nn.Module):
 
     def _check_lambdas(self) -> None:
         """Validate ``lambdas``: its dtype and shape on every call (metadata, free); its values on every
-        call on the CPU (7 numbers), elsewhere only when written since the last check (its version
-        counter or, in eager mode, its storage changed), since a read-back there is a host–device
-        synchronisation."""
+        call on the CPU (7 numbers), elsewhere only when the buffer may have changed since the last
+        validation, since a read-back there is a host–device synchronisation: when it is another
+        tensor (``.to()``, assignment, ``load_state_dict(assign=True)``), was written in place (its
+        version counter; in eager mode also its data pointer), or the module came from a file or a
+        copy (the CPU marker's version counter is 0 again)."""
         # A scripted module's .half() / .to(dtype) converts the buffer (the eager module's _apply
         # keeps it float64): refused here, not used rounded.
         if self.lambdas.dtype != torch.float64 or self.lambdas.dim() != 1 or self.lambdas.size(0) != 7:
@@ -587,7 +599,13 @@ class RNNLoss(nn.Module):
                 return
             version = _eager_version(self.lambdas)
             ptr = self.lambdas.data_ptr()
-        if not _readback_is_free(self.lambdas) and version == self._lambda_version and ptr == self._lambda_ptr:
+        if torch.jit.is_scripting():
+            mark = self._lambda_mark._version()
+        else:
+            mark = _eager_version(self._lambda_mark)
+        free = _readback_is_free(self.lambdas)
+        if (not free and self.lambdas is self._lambda_checked and version == self._lambda_version
+                and ptr == self._lambda_ptr and mark == self._lambda_mark_version):
             return
         values: List[float] = self.lambdas.tolist()
         for i in range(len(values)):
@@ -601,8 +619,13 @@ class RNNLoss(nn.Module):
             if value != 0.0 and not self._on[i]:
                 raise ValueError("lambdas[{}] ('{}') is non-zero but component '{}' is inactive (its lambda was 0 at "
                                  "construction); build the loss with a non-zero lambda_{}".format(i, name, name, name))
-        self._lambda_version = version
-        self._lambda_ptr = ptr
+        if not free:
+            with torch.no_grad():
+                self._lambda_mark.add_(1.0)
+            self._lambda_mark_version = mark + 1
+            self._lambda_checked = self.lambdas
+            self._lambda_version = version
+            self._lambda_ptr = ptr
 
     @torch.jit.unused
     def _synced_statistics(self, pred: Tensor, label: Tensor, states: Optional[Tensor], mask: Optional[Tensor],

@@ -72,7 +72,8 @@ class RNNLossImpl : public torch::nn::Module {
 
   std::array<bool, 7> on_{};
   bool need_states_ = false, need_means_ = false;
-  int64_t checked_version_ = -1;  // lambdas' version counter and data when last validated
+  torch::Tensor checked_;          // the lambdas tensor last validated, its version counter and data
+  int64_t checked_version_ = -1;
   const void* checked_data_ = nullptr;
 };
 TORCH_MODULE(RNNLoss);
