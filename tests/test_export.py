@@ -294,3 +294,21 @@ def test_train_module_takes_an_optional_mask(artifacts):
     torch.testing.assert_close(got[1], ref[1], rtol=1e-5, atol=0)  # same kernels (rnnloss.parity)
     assert got[1][0].item() != train(x, target)[1][0].item()  # the mask weights the mse
     assert train(x, target, torch.zeros_like(mask))[1][0].item() == 0.0  # Σw = 0 gives mse 0
+
+
+@pytest.mark.parametrize("writer", ["pt2", "onnx"])
+@pytest.mark.parametrize("value, kind", [(-0.5, "a negative value"), (float("nan"), "NaN")])
+def test_graph_exports_refuse_invalid_lambdas_instead_of_baking_them_in(writer, value, kind, tmp_path):
+    # Tracing skips the λ check (it reads values back); an invalid λ written into the buffer would
+    # otherwise become a constant of the exported graph.
+    model = CTRNN((3, 8, 2))
+    loss = RNNLoss(model, lambda_fr=0.01, lambda_fr_sd=0.01)
+    example = (torch.randn(4, 2, 2), torch.randn(4, 2, 2), torch.rand(4, 2, 8))
+    with torch.no_grad():
+        loss.lambdas[5] = value
+    with pytest.raises(ValueError, match=r"lambdas\[5\] \('fr_sd'\) must be finite and >= 0; it was set to " + kind):
+        if writer == "pt2":
+            export.export_pt2(loss, example, tmp_path / "loss.pt2")
+        else:
+            export.export_onnx(loss, example, tmp_path / "loss.onnx", opset=None)
+    assert not list(tmp_path.iterdir())
