@@ -7,12 +7,14 @@
 #   C++:    build cpp/ (CPU), then train_ctrnn --device cuda with both engines;
 #   Python: the CUDA tests, then export --device cuda with its parity table.
 # ONNX Runtime's CUDAExecutionProvider: put onnxruntime-gpu first on PYTHONPATH. If it is still
-# being copied in when this starts, set RNNLOSS_GPU_WAIT_FOR=FILE: the Python lane waits (up to 15
-# minutes) for FILE to exist, while the C++ lane builds; with it set, a FILE that never comes or a
-# provider that does not load is a FAILED step (without it, the placement check is skipped). Where
+# being copied in when this starts, set RNNLOSS_GPU_WAIT_FOR=FILE: the Python lane waits (up to
+# RNNLOSS_GPU_WAIT_SECONDS, 300) for FILE to exist, while the C++ lane builds; with it set, a FILE
+# that never comes or a provider that does not load is a FAILED step (without it, the placement
+# check is skipped). Where
 # the provider does not load with the loader path as it is, the lib folders of the nvidia-* wheels
 # are added to LD_LIBRARY_PATH (the report says whether that was needed). No visible GPU is a FAILED
-# step too (the rest still runs, for a dry run of the script).
+# step too (the rest still runs, for a dry run of the script). Each step is killed after
+# RNNLOSS_GPU_STEP_TIMEOUT seconds (600) and reported FAILED (exit 124).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPORT=${1:-gpu-report}
@@ -20,11 +22,15 @@ PYTHON=${PYTHON:-python3}
 mkdir -p "$REPORT"
 REPORT=$(cd "$REPORT" && pwd)
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD/src"
-# Nothing of an earlier run in this folder may pass for this run's: its logs, status files and
-# C++ program (the build folder itself is kept for an incremental build).
+# Nothing of an earlier run in this folder may pass for this run's: its logs, status files, trained
+# models, C++ program, CMake cache (torch and CUDA paths) and CUDA link folder. The build folder's
+# objects are kept for an incremental build.
 for step in environment cpp_build cpp_build_with_wheel_cuda pytest_cuda export_cuda ort_cuda_placement \
     cpp_train_cuda_native cpp_train_cuda_torchscript bench_cuda; do rm -f "$REPORT/$step.txt"; done
-rm -f "$REPORT/.export-status" "$REPORT/.cpp-build-ok" "$REPORT/.cpp-build-retried-ok" "$REPORT/build/train_ctrnn"
+rm -f "$REPORT/.export-status" "$REPORT/.cpp-build-ok" "$REPORT/.cpp-build-retried-ok" "$REPORT/build/train_ctrnn" \
+  "$REPORT/build/CMakeCache.txt" "$REPORT"/ctrnn_trained_cuda_*.pt
+rm -rf "$REPORT/cuda-from-wheels"
+STEP_TIMEOUT=${RNNLOSS_GPU_STEP_TIMEOUT:-600}  # seconds; a step that hangs is killed and FAILED (exit 124)
 : > "$REPORT/summary.txt"
 
 failed() {  # failed NAME WHY: a FAILED line for a check that could not run as asked
@@ -34,7 +40,7 @@ failed() {  # failed NAME WHY: a FAILED line for a check that could not run as a
 run() {  # run NAME CMD...: log to $REPORT/NAME.txt, one line to summary.txt
   local name=$1 start=$SECONDS rc=0; shift
   echo "== $name: $*"
-  "$@" > "$REPORT/$name.txt" 2>&1 || rc=$?
+  timeout --kill-after=10 "$STEP_TIMEOUT" "$@" > "$REPORT/$name.txt" 2>&1 || rc=$?
   local line
   if [ $rc -eq 0 ]; then line="ok      $name ($((SECONDS - start)) s)"
   else line="FAILED  $name (exit $rc, $((SECONDS - start)) s): see $name.txt"; fi
@@ -106,7 +112,9 @@ EOF
 python_lane() {
   if [ -n "${RNNLOSS_GPU_WAIT_FOR:-}" ]; then
     local waited=0
-    while [ ! -e "$RNNLOSS_GPU_WAIT_FOR" ] && [ $waited -lt 900 ]; do sleep 2; waited=$((waited + 2)); done
+    while [ ! -e "$RNNLOSS_GPU_WAIT_FOR" ] && [ $waited -lt "${RNNLOSS_GPU_WAIT_SECONDS:-300}" ]; do
+      sleep 2; waited=$((waited + 2))
+    done
     echo "waited ${waited} s for $RNNLOSS_GPU_WAIT_FOR" >> "$REPORT/environment.txt"
     [ -e "$RNNLOSS_GPU_WAIT_FOR" ] || failed wait_for "RNNLOSS_GPU_WAIT_FOR=$RNNLOSS_GPU_WAIT_FOR did not appear in $waited s"
   fi
@@ -141,10 +149,14 @@ python_lane() {
 
 cpp_lane &
 cpp_pid=$!
-trap 'kill $cpp_pid 2>/dev/null' EXIT  # never leave the C++ lane waiting for an export that will not come
+# Never leave the C++ lane (or the step it runs) behind, e.g. waiting for an export that will not come.
+trap 'pkill -P $cpp_pid 2>/dev/null; kill $cpp_pid 2>/dev/null' EXIT
 python_lane
 wait $cpp_pid
 run bench_cuda "$PYTHON" bench/bench_loss.py --device cuda --rounds 21 --cpp "$REPORT/build/train_ctrnn"
+if [ -e "$REPORT/.cpp-build-ok" ] && grep -q "C++ .*not measured" "$REPORT/bench_cuda.txt" 2>/dev/null; then
+  failed bench_cuda_cpp "the C++ training step was built but not measured: see bench_cuda.txt"
+fi
 
 if [ -e "$REPORT/.cpp-build-retried-ok" ]; then
   sed -i 's/^FAILED  cpp_build (/retried cpp_build (/' "$REPORT/summary.txt"
