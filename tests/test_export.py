@@ -296,19 +296,33 @@ def test_train_module_takes_an_optional_mask(artifacts):
     assert train(x, target, torch.zeros_like(mask))[1][0].item() == 0.0  # Σw = 0 gives mse 0
 
 
-@pytest.mark.parametrize("writer", ["pt2", "onnx"])
+def _never_free(t):
+    return False
+
+
+@pytest.mark.parametrize("writer", ["pt2", "onnx", "native"])
 @pytest.mark.parametrize("value, kind", [(-0.5, "a negative value"), (float("nan"), "NaN")])
-def test_graph_exports_refuse_invalid_lambdas_instead_of_baking_them_in(writer, value, kind, tmp_path):
-    # Tracing skips the λ check (it reads values back); an invalid λ written into the buffer would
-    # otherwise become a constant of the exported graph.
+@pytest.mark.parametrize("readback", ["cpu_logic", "gpu_logic"])
+def test_exports_refuse_invalid_lambdas_instead_of_baking_them_in(writer, value, kind, readback, tmp_path,
+                                                                 monkeypatch):
+    # Tracing skips the λ check (it reads values back); an invalid λ in the buffer would otherwise
+    # become a constant of the exported graph, or a native file that loading refuses. Off the CPU a
+    # forward reads λ back only when the buffer may have changed: an export must read them anyway,
+    # here after a write through .data, which the version counter does not see.
+    from rnnloss.native import save_native
+    import rnnloss.loss
+    if readback == "gpu_logic":
+        monkeypatch.setattr(rnnloss.loss, "_readback_is_free", _never_free)
     model = CTRNN((3, 8, 2))
     loss = RNNLoss(model, lambda_fr=0.01, lambda_fr_sd=0.01)
     example = (torch.randn(4, 2, 2), torch.randn(4, 2, 2), torch.rand(4, 2, 8))
-    with torch.no_grad():
-        loss.lambdas[5] = value
+    loss(*example)  # validated once
+    loss.lambdas.data[5] = value
     with pytest.raises(ValueError, match=r"lambdas\[5\] \('fr_sd'\) must be finite and >= 0; it was set to " + kind):
         if writer == "pt2":
             export.export_pt2(loss, example, tmp_path / "loss.pt2")
-        else:
+        elif writer == "onnx":
             export.export_onnx(loss, example, tmp_path / "loss.onnx", opset=None)
+        else:
+            save_native(loss, tmp_path / "rnnloss_native.pt")
     assert not list(tmp_path.iterdir())

@@ -232,6 +232,39 @@ def test_a_loss_moved_to_meta_materialises_with_lambdas_that_forward_refuses_unt
     loss.load_state_dict(real.state_dict())
     torch.testing.assert_close(loss(pred, label, states)[1], real(pred, label, states)[1], rtol=0, atol=0)
 
+
+def test_a_loss_built_in_inference_mode_and_functional_calls_on_the_lambdas_work_on_the_cpu():
+    # The CPU reads λ in every call and nothing else: no version counter (inference tensors have
+    # none) and no data pointer (torch.func's wrappers have none).
+    model, pred, label, states = _inputs()
+    with torch.inference_mode():
+        loss = RNNLoss(model, **ALL_ON)
+        total = loss(pred, label, states)[0]
+    reference = RNNLoss(model, **ALL_ON)
+    assert total.item() == reference(pred, label, states)[0].item()
+    params = {"lambdas": reference.lambdas.clone()}
+    grad = torch.func.grad(lambda b: torch.func.functional_call(reference, b, (pred, label, states))[0])(params)
+    torch.testing.assert_close(grad["lambdas"], reference(pred, label, states)[1] / reference.lambdas.clamp_min(1e-300)
+                               * (reference.lambdas != 0), rtol=1e-6, atol=0)
+
+
+def test_moving_or_scripting_the_loss_forgets_the_validated_buffer(monkeypatch):
+    # Off the CPU the last validated buffer is held to tell a new one from it; a move must not keep
+    # a reference to a buffer of the old device (it would go into a saved file), and the buffer after
+    # the move is validated again.
+    import rnnloss.loss
+    model, pred, label, states = _inputs()
+    loss = RNNLoss(model, **ALL_ON)
+    monkeypatch.setattr(rnnloss.loss, "_readback_is_free", lambda t: False)
+    loss(pred, label, states)
+    assert loss._lambda_checked is loss.lambdas
+    loss.double()
+    assert loss._lambda_checked.numel() == 0
+    loss.float()(pred, label, states)
+    assert loss._lambda_checked is loss.lambdas
+    loss.__prepare_scriptable__()
+    assert loss._lambda_checked.numel() == 0
+
 def test_writes_that_bypass_the_version_counter_are_caught_on_the_cpu():
     # On the CPU the buffer is checked in every call (no synchronisation to save there).
     model, pred, label, states = _inputs()

@@ -169,16 +169,22 @@ void RNNLossImpl::set_lambda(const std::string& name, double value) {
 }
 
 void RNNLossImpl::check_lambdas() {
-  // dtype and shape on every call (metadata). The values: off the CPU only after a write (version
-  // counter) or on another buffer (to(), assignment: not the tensor last validated, which is held
-  // so that its memory cannot come back as a new buffer's), since a read-back there is a
-  // host-device synchronisation; on the CPU, every call (as Python).
+  // dtype and shape on every call (metadata). The values: on the CPU every call (as Python, reading
+  // nothing else); elsewhere, since a read-back there is a host-device synchronisation, only after a
+  // write (version counter) or on other memory: another tensor (assignment), or new storage in the
+  // same tensor (to() and torch::load replace it through set_data). The tensor and storage last
+  // validated are held, so that their memory cannot come back as a new buffer's address.
   TORCH_CHECK_VALUE(lambdas.scalar_type() == torch::kFloat64 && lambdas.dim() == 1 && lambdas.size(0) == 7,
                     "lambdas must be a float64 tensor of shape [7], got dtype ", detail::dtype_name(lambdas),
                     " and shape ", detail::shape_of(lambdas));
-  auto version = static_cast<int64_t>(lambdas._version());
-  const void* data = lambdas.data_ptr();
-  if (!lambdas.is_cpu() && lambdas.is_same(checked_) && version == checked_version_ && data == checked_data_) return;
+  const bool cached = !lambdas.is_cpu();
+  int64_t version = 0;
+  const void* data = nullptr;
+  if (cached) {
+    version = static_cast<int64_t>(lambdas._version());
+    data = lambdas.data_ptr();
+    if (lambdas.is_same(checked_) && version == checked_version_ && data == checked_data_) return;
+  }
   auto values = lambdas.to(torch::kCPU, torch::kFloat64).contiguous();
   const double* v = values.data_ptr<double>();
   for (size_t i = 0; i < 7; ++i) {
@@ -190,7 +196,9 @@ void RNNLossImpl::check_lambdas() {
                       "' is inactive (its lambda was 0 at construction); build the loss with a non-zero lambda_",
                       name);
   }
+  if (!cached) return;
   checked_ = lambdas;
+  checked_storage_ = lambdas.storage();
   checked_version_ = version;
   checked_data_ = data;
 }

@@ -86,7 +86,7 @@ def export_torchscript(module: torch.nn.Module, path: Path) -> None:
 
 def export_pt2(loss: RNNLoss, example: Sequence[torch.Tensor], path: Path) -> None:
     """The torch.export program (the refusals its input guards lack are traced from the loss)."""
-    loss._check_lambdas()  # λ are baked into the program (tracing skips the check): refused now, not later
+    loss._check_lambdas(force=True)  # λ become constants of the program (tracing skips the check)
     with _quiet():
         program = torch.export.export(loss, tuple(example),
                                       dynamic_shapes=dynamic_shapes(loss.model.batch_first, input_names(example)))
@@ -101,7 +101,7 @@ def export_onnx(loss: RNNLoss, example: Sequence[torch.Tensor], path: Path, opse
     """Write a self-contained ONNX graph with its run-time refusals (see graph_checks) and run the
     full checker; returns the opset used."""
     import onnx
-    loss._check_lambdas()  # λ are baked into the graph (tracing skips the check): refused now, not later
+    loss._check_lambdas(force=True)  # λ become constants of the graph (tracing skips the check)
     kwargs = {} if opset is None else {"opset_version": opset}
     names = input_names(example)
     with _quiet():

@@ -467,7 +467,8 @@ class RNNLoss(nn.Module):
     validates the buffer — its dtype and shape in every call; its values on the CPU in every call,
     elsewhere when the buffer may have changed (written in place, seen through its version
     counter; another tensor; a module from a file or a copy), so it is read back once per change,
-    not once per call (a write that bypasses the counter, through ``.data``, goes unseen there):
+    not once per call (a write through an alias with a counter of its own, ``.data``, DLPack or
+    ``untyped_storage``, goes unseen there; exports read λ back in any case):
     a negative, NaN or infinite λ, a non-zero λ for an inactive component, or a buffer that is not
     float64 [7] raises ValueError. Loading a
     state_dict that gives an inactive component a non-zero λ raises too. Under ``torch.compile``
@@ -547,9 +548,7 @@ class RNNLoss(nn.Module):
         # What tells a validated λ buffer from a changed one off the CPU (see _check_lambdas): the buffer
         # last validated itself, its version counter and data pointer, and a CPU marker bumped by each
         # validation (a module fresh from a file has every version counter at 0).
-        self._lambda_checked = torch.empty(0, dtype=torch.float64)
-        self._lambda_version = -1
-        self._lambda_ptr = 0
+        self._forget_checked_lambdas()
         self._lambda_mark = torch.zeros(1)
         self._lambda_mark_version = -1
         self._lambda_max = FLOAT32_MAX
@@ -564,12 +563,14 @@ class RNNLoss(nn.Module):
         # torch.jit.script calls this first: refuse clearly instead of failing on a ProcessGroup.
         if self.sync_stats:
             raise RuntimeError(_SYNC_EAGER_ONLY)
+        self._forget_checked_lambdas()
         return self
 
     def _apply(self, fn, recurse=True):
         # .float(), .half(), .to(dtype) would round λ: keep the buffer float64, move its device only.
         lambdas = self.lambdas
         super()._apply(fn, recurse)
+        self._forget_checked_lambdas()
         device = self._buffers["lambdas"].device
         if lambdas.is_meta and device.type != "meta":
             # to_empty() after .to("meta"): the values are gone; NaN, which forward refuses, until
@@ -579,34 +580,37 @@ class RNNLoss(nn.Module):
             self._buffers["lambdas"] = lambdas.to(device=device)
         return self
 
-    def _check_lambdas(self) -> None:
+    def _check_lambdas(self, force: bool = False) -> None:
         """Validate ``lambdas``: its dtype and shape on every call (metadata, free); its values on every
-        call on the CPU (7 numbers), elsewhere only when the buffer may have changed since the last
-        validation, since a read-back there is a host–device synchronisation: when it is another
-        tensor (``.to()``, assignment, ``load_state_dict(assign=True)``), was written in place (its
-        version counter; in eager mode also its data pointer), or the module came from a file or a
-        copy (the CPU marker's version counter is 0 again)."""
+        call on the CPU (7 numbers) or with ``force`` (an export: λ become constants of the graph),
+        elsewhere only when the buffer may have changed since the last validation, since a read-back
+        there is a host–device synchronisation: when it is another tensor (``.to()``, assignment,
+        ``load_state_dict(assign=True)``), was written in place (its version counter; in eager mode
+        also its data pointer), or the module came from a file or a copy (the CPU marker's version
+        counter is 0 again). A write through an alias that has a version counter of its own
+        (``.data``, DLPack, ``untyped_storage``) goes unseen off the CPU."""
         # A scripted module's .half() / .to(dtype) converts the buffer (the eager module's _apply
         # keeps it float64): refused here, not used rounded.
         if self.lambdas.dtype != torch.float64 or self.lambdas.dim() != 1 or self.lambdas.size(0) != 7:
             raise ValueError("lambdas must be a float64 tensor of shape [7], got dtype {} and shape {}".format(
                 dtype_name(self.lambdas), shape_of(self.lambdas)))
-        ptr = 0  # TorchScript has no data_ptr(); there the version alone tells a write
-        if torch.jit.is_scripting():
-            version = self.lambdas._version()
-        else:
-            if _compiling():
-                return
-            version = _eager_version(self.lambdas)
-            ptr = self.lambdas.data_ptr()
-        if torch.jit.is_scripting():
-            mark = self._lambda_mark._version()
-        else:
-            mark = _eager_version(self._lambda_mark)
-        free = _readback_is_free(self.lambdas)
-        if (not free and self.lambdas is self._lambda_checked and version == self._lambda_version
-                and ptr == self._lambda_ptr and mark == self._lambda_mark_version):
+        if not torch.jit.is_scripting() and _compiling():
             return
+        # On the CPU nothing below the values is read: no version counter (an inference tensor has
+        # none), no data pointer (torch.func's wrappers have none), nothing recorded.
+        cached = not force and not _readback_is_free(self.lambdas)
+        version, ptr, mark = 0, 0, 0  # TorchScript has no data_ptr(); there the version tells a write
+        if cached:
+            if torch.jit.is_scripting():
+                version = self.lambdas._version()
+                mark = self._lambda_mark._version()
+            else:
+                version = _eager_version(self.lambdas)
+                ptr = self.lambdas.data_ptr()
+                mark = _eager_version(self._lambda_mark)
+            if (self.lambdas is self._lambda_checked and version == self._lambda_version
+                    and ptr == self._lambda_ptr and mark == self._lambda_mark_version):
+                return
         values: List[float] = self.lambdas.tolist()
         for i in range(len(values)):
             value = values[i]
@@ -619,13 +623,20 @@ class RNNLoss(nn.Module):
             if value != 0.0 and not self._on[i]:
                 raise ValueError("lambdas[{}] ('{}') is non-zero but component '{}' is inactive (its lambda was 0 at "
                                  "construction); build the loss with a non-zero lambda_{}".format(i, name, name, name))
-        if not free:
+        if cached:
             with torch.no_grad():
                 self._lambda_mark.add_(1.0)
             self._lambda_mark_version = mark + 1
             self._lambda_checked = self.lambdas
             self._lambda_version = version
             self._lambda_ptr = ptr
+
+    def _forget_checked_lambdas(self) -> None:
+        """Drop the record of the last validation (the next call off the CPU validates again), so
+        that no reference to a buffer of another device outlives a move or goes into a file."""
+        self._lambda_checked = torch.empty(0, dtype=torch.float64)
+        self._lambda_version = -1
+        self._lambda_ptr = 0
 
     @torch.jit.unused
     def _synced_statistics(self, pred: Tensor, label: Tensor, states: Optional[Tensor], mask: Optional[Tensor],

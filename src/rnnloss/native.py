@@ -94,6 +94,7 @@ def save_native(loss: RNNLoss, path: Union[str, Path]) -> None:
         raise TypeError(f"loss must be an RNNLoss, got {type(loss).__name__}")
     if loss.sync_stats:
         raise ValueError("save_native: the native C++ loss has no sync_stats; build the loss with sync_stats=False")
+    loss._check_lambdas(force=True)  # a file that load_native would refuse is not written
     torch.save(native_payload(loss), str(path))
 
 
@@ -146,5 +147,5 @@ def _load_native(path: Union[str, Path]) -> RNNLoss:
     loss.model.load_state_dict(state, strict=True)
     with torch.no_grad():
         loss.lambdas.copy_(torch.tensor(spec["lambdas"], dtype=torch.float64))
-    loss._check_lambdas()  # negative, NaN, or non-zero for an inactive component: ValueError now
+    loss._check_lambdas(force=True)  # negative, NaN, or non-zero for an inactive component: ValueError now
     return loss.eval()

@@ -72,7 +72,8 @@ class RNNLossImpl : public torch::nn::Module {
 
   std::array<bool, 7> on_{};
   bool need_states_ = false, need_means_ = false;
-  torch::Tensor checked_;          // the lambdas tensor last validated, its version counter and data
+  torch::Tensor checked_;          // off the CPU: the lambdas tensor last validated, its storage (held:
+  c10::Storage checked_storage_;   // its address cannot be reused), version counter and data
   int64_t checked_version_ = -1;
   const void* checked_data_ = nullptr;
 };
