@@ -40,7 +40,12 @@ failed() {  # failed NAME WHY: a FAILED line for a check that could not run as a
 run() {  # run NAME CMD...: log to $REPORT/NAME.txt, one line to summary.txt
   local name=$1 start=$SECONDS rc=0; shift
   echo "== $name: $*"
-  timeout --kill-after=10 "$STEP_TIMEOUT" "$@" > "$REPORT/$name.txt" 2>&1 || rc=$?
+  # timeout puts the step in a process group of its own, which Ctrl-C does not reach: stop it here.
+  timeout --kill-after=10 "$STEP_TIMEOUT" "$@" > "$REPORT/$name.txt" 2>&1 &
+  local step=$!
+  trap "kill -TERM $step 2>/dev/null; echo 'gpu_check: interrupted during $name' >&2; exit 130" INT TERM
+  wait $step || rc=$?
+  trap - INT TERM
   local line
   if [ $rc -eq 0 ]; then line="ok      $name ($((SECONDS - start)) s)"
   else line="FAILED  $name (exit $rc, $((SECONDS - start)) s): see $name.txt"; fi
