@@ -155,7 +155,8 @@ python_lane() {
 cpp_lane &
 cpp_pid=$!
 # Never leave the C++ lane (or the step it runs) behind, e.g. waiting for an export that will not come.
-trap 'pkill -P $cpp_pid 2>/dev/null; kill $cpp_pid 2>/dev/null' EXIT
+# The lane first: its own TERM trap stops its step without writing a result line for it.
+trap 'kill $cpp_pid 2>/dev/null; pkill -P $cpp_pid 2>/dev/null' EXIT
 python_lane
 wait $cpp_pid
 run bench_cuda "$PYTHON" bench/bench_loss.py --device cuda --rounds 21 --cpp "$REPORT/build/train_ctrnn"

@@ -233,9 +233,18 @@ def test_a_loss_moved_to_meta_materialises_with_lambdas_that_forward_refuses_unt
     torch.testing.assert_close(loss(pred, label, states)[1], real(pred, label, states)[1], rtol=0, atol=0)
 
 
-def test_a_loss_built_in_inference_mode_and_functional_calls_on_the_lambdas_work_on_the_cpu():
-    # The CPU reads λ in every call and nothing else: no version counter (inference tensors have
-    # none) and no data pointer (torch.func's wrappers have none).
+def _never_free(t: torch.Tensor) -> bool:
+    return False
+
+
+@pytest.mark.parametrize("readback", ["cpu_logic", "gpu_logic"])
+def test_a_loss_built_in_inference_mode_and_functional_calls_on_the_lambdas_work(readback, monkeypatch):
+    # λ without a version counter (made under inference_mode) or without storage (torch.func's
+    # wrappers) are read in every call, on the CPU and where values are otherwise read back only
+    # after a change.
+    import rnnloss.loss
+    if readback == "gpu_logic":
+        monkeypatch.setattr(rnnloss.loss, "_readback_is_free", _never_free)
     model, pred, label, states = _inputs()
     with torch.inference_mode():
         loss = RNNLoss(model, **ALL_ON)

@@ -177,7 +177,7 @@ void RNNLossImpl::check_lambdas() {
   TORCH_CHECK_VALUE(lambdas.scalar_type() == torch::kFloat64 && lambdas.dim() == 1 && lambdas.size(0) == 7,
                     "lambdas must be a float64 tensor of shape [7], got dtype ", detail::dtype_name(lambdas),
                     " and shape ", detail::shape_of(lambdas));
-  const bool cached = !lambdas.is_cpu();
+  const bool cached = !lambdas.is_cpu() && !lambdas.is_inference();  // inference tensors: no version counter
   int64_t version = 0;
   const void* data = nullptr;
   if (cached) {

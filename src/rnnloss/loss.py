@@ -596,9 +596,12 @@ class RNNLoss(nn.Module):
                 dtype_name(self.lambdas), shape_of(self.lambdas)))
         if not torch.jit.is_scripting() and _compiling():
             return
-        # On the CPU nothing below the values is read: no version counter (an inference tensor has
-        # none), no data pointer (torch.func's wrappers have none), nothing recorded.
-        cached = not force and not _readback_is_free(self.lambdas)
+        # On the CPU nothing below the values is read, nothing recorded. Nor anywhere for a buffer
+        # without a version counter (made under inference_mode) or a torch.func wrapper (no data
+        # pointer): those are validated in every call.
+        cached = not force and not _readback_is_free(self.lambdas) and not self.lambdas.is_inference()
+        if cached and not torch.jit.is_scripting() and _is_transformed(self.lambdas):
+            cached = False
         version, ptr, mark = 0, 0, 0  # TorchScript has no data_ptr(); there the version tells a write
         if cached:
             if torch.jit.is_scripting():
@@ -814,6 +817,12 @@ def _exported_refusals(pred: Tensor, states: Optional[Tensor], mask: Optional[Te
         torch._assert_async(torch.scalar_tensor(states.numel()) > 0, "states must not be empty")
     if mask is not None and mask.dtype != torch.bool:
         torch._assert_async(torch.all((mask >= 0) & torch.isfinite(mask)), "mask must hold finite weights >= 0")
+
+
+@torch.jit.unused
+def _is_transformed(t: Tensor) -> bool:
+    """``t`` is a torch.func wrapper (grad, vmap, ...): it has no storage of its own."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
 @torch.jit.unused
