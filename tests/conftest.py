@@ -20,6 +20,19 @@ def lambdas_for(active):
     return {k: (ALL_ON[k] if i in active else 0.0) for i, k in enumerate(keys)}
 
 
+
+def never_free(t: torch.Tensor) -> bool:
+    """Stands in for ``rnnloss.loss._readback_is_free``: every device counts as one where reading λ
+    back is a host–device synchronisation, so the CPU runs the λ check's GPU logic."""
+    return False
+
+
+def readback_as_on_a_gpu(monkeypatch):
+    """Run the λ check's GPU logic on the CPU in eager mode (TorchScript keeps what it compiled
+    first: scripted tests patch ``_readback_is_free`` with :func:`never_free` in a fresh process)."""
+    import rnnloss.loss
+    monkeypatch.setattr(rnnloss.loss, "_readback_is_free", never_free)
+
 def make_model(dims=(3, 8, 2), seed=0, dtype=torch.float32, **kw):
     torch.manual_seed(seed)
     return CTRNN(dims, **kw).to(dtype)

@@ -9,6 +9,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from conftest import readback_as_on_a_gpu
 from rnnloss import CTRNN, RNNLoss, export, from_torchscript, parity
 from rnnloss.config import validate
 
@@ -296,10 +297,6 @@ def test_train_module_takes_an_optional_mask(artifacts):
     assert train(x, target, torch.zeros_like(mask))[1][0].item() == 0.0  # Σw = 0 gives mse 0
 
 
-def _never_free(t):
-    return False
-
-
 @pytest.mark.parametrize("writer", ["pt2", "onnx", "native"])
 @pytest.mark.parametrize("value, kind", [(-0.5, "a negative value"), (float("nan"), "NaN")])
 @pytest.mark.parametrize("readback", ["cpu_logic", "gpu_logic"])
@@ -310,9 +307,8 @@ def test_exports_refuse_invalid_lambdas_instead_of_baking_them_in(writer, value,
     # forward reads λ back only when the buffer may have changed: an export must read them anyway,
     # here after a write through .data, which the version counter does not see.
     from rnnloss.native import save_native
-    import rnnloss.loss
     if readback == "gpu_logic":
-        monkeypatch.setattr(rnnloss.loss, "_readback_is_free", _never_free)
+        readback_as_on_a_gpu(monkeypatch)
     model = CTRNN((3, 8, 2))
     loss = RNNLoss(model, lambda_fr=0.01, lambda_fr_sd=0.01)
     example = (torch.randn(4, 2, 2), torch.randn(4, 2, 2), torch.rand(4, 2, 8))

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from conftest import ALL_ON, make_inputs, make_model
+from conftest import ALL_ON, make_inputs, make_model, readback_as_on_a_gpu
 from rnnloss import CTRNN, RNNLoss
 
 
@@ -169,7 +169,6 @@ def test_bad_value_written_into_lambdas_makes_forward_raise(case, scripted, tmp_
 def test_lambdas_are_read_back_only_after_a_write_where_that_costs_a_synchronisation(monkeypatch):
     # On CUDA a read-back is a host-device synchronisation: forward must not do one per call. The
     # CPU checks every call (free there); pretend it is not free to exercise the CUDA logic here.
-    import rnnloss.loss
     model, pred, label, states = _inputs()
     loss = RNNLoss(model, **ALL_ON)
     reads = []
@@ -179,7 +178,7 @@ def test_lambdas_are_read_back_only_after_a_write_where_that_costs_a_synchronisa
     loss(pred, label, states)
     assert reads.count(torch.Size([7])) == 2  # the CPU: every call
     reads.clear()
-    monkeypatch.setattr(rnnloss.loss, "_readback_is_free", lambda t: False)
+    readback_as_on_a_gpu(monkeypatch)
     for _ in range(3):
         loss(pred, label, states)
     assert reads.count(torch.Size([7])) == 1  # the first call: nothing validated off the CPU yet
@@ -233,18 +232,13 @@ def test_a_loss_moved_to_meta_materialises_with_lambdas_that_forward_refuses_unt
     torch.testing.assert_close(loss(pred, label, states)[1], real(pred, label, states)[1], rtol=0, atol=0)
 
 
-def _never_free(t: torch.Tensor) -> bool:
-    return False
-
-
 @pytest.mark.parametrize("readback", ["cpu_logic", "gpu_logic"])
 def test_a_loss_built_in_inference_mode_and_functional_calls_on_the_lambdas_work(readback, monkeypatch):
     # λ without a version counter (made under inference_mode) or without storage (torch.func's
     # wrappers) are read in every call, on the CPU and where values are otherwise read back only
     # after a change.
-    import rnnloss.loss
     if readback == "gpu_logic":
-        monkeypatch.setattr(rnnloss.loss, "_readback_is_free", _never_free)
+        readback_as_on_a_gpu(monkeypatch)
     model, pred, label, states = _inputs()
     with torch.inference_mode():
         loss = RNNLoss(model, **ALL_ON)
@@ -261,10 +255,9 @@ def test_moving_or_scripting_the_loss_forgets_the_validated_buffer(monkeypatch):
     # Off the CPU the last validated buffer is held to tell a new one from it; a move must not keep
     # a reference to a buffer of the old device (it would go into a saved file), and the buffer after
     # the move is validated again.
-    import rnnloss.loss
     model, pred, label, states = _inputs()
     loss = RNNLoss(model, **ALL_ON)
-    monkeypatch.setattr(rnnloss.loss, "_readback_is_free", lambda t: False)
+    readback_as_on_a_gpu(monkeypatch)
     loss(pred, label, states)
     assert loss._lambda_checked is loss.lambdas
     loss.double()
@@ -294,11 +287,9 @@ import io, sys, torch
 import rnnloss.loss
 from rnnloss import RNNLoss
 sys.path.insert(0, {tests!r})
-from conftest import ALL_ON, make_inputs, make_model
+from conftest import ALL_ON, make_inputs, make_model, never_free
 if {gpu_logic!r}:
-    def _never_free(t: torch.Tensor) -> bool:
-        return False
-    rnnloss.loss._readback_is_free = _never_free  # before anything is scripted: compiled in
+    rnnloss.loss._readback_is_free = never_free  # before anything is scripted: compiled in
 model = make_model((3, 8, 2))
 pred, label, states = make_inputs(model, 5, 3)
 base = torch.jit.script(RNNLoss(model, **ALL_ON))
