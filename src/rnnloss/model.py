@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import check_float_tensor, dtype_name, shape_of
+from .rules import Rule, check_float_tensor, dtype_name, error, shape_of
 
 ACTIVATIONS = ("relu", "tanh", "sigmoid", "softplus", "retanh")
 WEIGHT_INITS = ("uniform", "normal", "zero")
@@ -119,6 +119,15 @@ class CTRNN(nn.Module):
     Masks are applied by :meth:`enforce_constraints`, which runs at construction and which a
     training loop calls after each optimizer step; :meth:`apply_plasticity` goes between
     ``backward()`` and ``step()``. ``forward`` never changes the parameters.
+
+    Example::
+
+        >>> model = CTRNN((3, 16, 2), tau=100.0, dt=10.0, activation="tanh")
+        >>> model
+        CTRNN(dims=(3, 16, 2), tau=100.0, dt=10.0, activation='tanh', layout=(T, B, N))
+        >>> output, states = model(torch.randn(20, 4, 3))  # 20 steps, batch 4
+        >>> tuple(output.shape), tuple(states.shape)
+        ((20, 4, 2), (20, 4, 16))
     """
 
     alpha: Final[float]
@@ -151,21 +160,20 @@ class CTRNN(nn.Module):
     ) -> None:
         super().__init__()
         n_in, n_hid, n_out = _check_dims(dims)
-        for name, value in (("tau", tau), ("dt", dt)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        for name, value, rule in (("tau", tau, Rule.POSITIVE), ("dt", dt, Rule.POSITIVE),
+                                  ("preact_noise", preact_noise, Rule.NON_NEGATIVE),
+                                  ("postact_noise", postact_noise, Rule.NON_NEGATIVE)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
+                    value < 0 or (value == 0 and rule is Rule.POSITIVE):
+                raise error(rule, name, repr(value))
         if dt > tau:
-            raise ValueError(f"dt must not exceed tau (alpha = dt / tau must be <= 1), got dt={dt!r}, tau={tau!r}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
-        for name, value in (("preact_noise", preact_noise), ("postact_noise", postact_noise)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+            raise error(Rule.DT_ABOVE_TAU, repr(dt), repr(tau))
+        for name, value, choices in (("activation", activation, ACTIVATIONS), ("init_state", init_state, INIT_STATES)):
+            if value not in choices:
+                raise error(Rule.CHOICE, name, list(choices), repr(value))
         for name, value in (("batch_first", batch_first), ("learn_alpha", learn_alpha)):
             if not isinstance(value, bool):
                 raise TypeError(f"{name} must be a bool, got {value!r}")
-        if init_state not in INIT_STATES:
-            raise ValueError(f"init_state must be one of {list(INIT_STATES)}, got {init_state!r}")
         shapes = ((n_hid, n_in), (n_hid, n_hid), (n_out, n_hid))
         bias_specs = _per_layer_spec(biases, "biases")
         weight_specs = _per_layer_spec(weights, "weights")
@@ -197,12 +205,11 @@ class CTRNN(nn.Module):
         sparsity = _masks(sparsity_masks, "sparsity_masks", linears, allow_vector=False)
         signs = _masks(ei_masks, "ei_masks", linears, allow_vector=True)
         plasticity = _masks(plasticity_masks, "plasticity_masks", linears, allow_vector=False)
-        for layer, lin, mask in zip(LAYERS, linears, signs):
-            if mask is not None and not bool(torch.all((mask == 1) | (mask == -1) | (mask == 0))):
-                raise ValueError(f"ei_masks for the {layer} layer must hold only +1, -1 and 0")
-        for layer, mask in zip(LAYERS, plasticity):
-            if mask is not None and not bool(torch.all(mask >= 0)):
-                raise ValueError(f"plasticity_masks for the {layer} layer must be >= 0 (gradient scales)")
+        for layer, sign, scale in zip(LAYERS, signs, plasticity):
+            if sign is not None and not bool(torch.all((sign == 1) | (sign == -1) | (sign == 0))):
+                raise error(Rule.EI_VALUES, layer)
+            if scale is not None and not bool(torch.all(scale >= 0)):
+                raise error(Rule.PLASTICITY_VALUES, layer)
         for layer, lin, s_mask, e_mask, p_mask in zip(LAYERS, linears, sparsity, signs, plasticity):
             self._register_mask(f"sparsity_{layer}", s_mask, lin.weight.dtype)
             self._register_mask(f"sign_{layer}", e_mask, lin.weight.dtype)
@@ -212,6 +219,24 @@ class CTRNN(nn.Module):
                 if mask is not None and isinstance(w_spec, str):
                     _dale_init(lin.weight, mask)
         self.enforce_constraints()
+
+    def __repr__(self) -> str:  # one line: the options, not three Linear layers
+        return f"{type(self).__name__}({self.extra_repr()})"
+
+    def extra_repr(self) -> str:
+        parts = [f"dims={(self.n_in, self.n_hid, self.n_out)}", f"tau={self.tau!r}", f"dt={self.dt!r}",
+                 f"activation={self.activation!r}", f"layout={'(B, T, N)' if self.batch_first else '(T, B, N)'}"]
+        parts += [f"{name}={value!r}" for name, value in (("preact_noise", self.preact_noise),
+                                                          ("postact_noise", self.postact_noise)) if value]
+        if self.learn_init:
+            parts.append("init_state='learn'")
+        if self.learn_alpha:
+            parts.append("learn_alpha=True")
+        masks = [kind for kind in ("sparsity", "sign", "plasticity")
+                 if any(getattr(self, f"{kind}_{layer}") is not None for layer in LAYERS)]
+        if masks:
+            parts.append("masks=" + "+".join(masks))
+        return ", ".join(parts)
 
     def _linears(self) -> Tuple[nn.Linear, nn.Linear, nn.Linear]:
         return (self.recurrent_layer.input_layer, self.recurrent_layer.hidden_layer, self.readout_layer)
@@ -280,9 +305,9 @@ class CTRNN(nn.Module):
         w_in = self.recurrent_layer.input_layer.weight
         layout = "(B, T, N_in)" if self.batch_first else "(T, B, N_in)"
         if x.dim() != 3 or x.size(2) != self.n_in:
-            raise ValueError("x must have shape {} with N_in={}, got shape {}".format(layout, self.n_in, shape_of(x)))
+            raise ValueError(Rule.X_SHAPE.value.format(layout, self.n_in, shape_of(x)))
         if x.dtype != w_in.dtype:
-            raise TypeError("x must have the model's dtype {}, got dtype {}".format(dtype_name(w_in), dtype_name(x)))
+            raise TypeError(Rule.X_DTYPE.value.format(dtype_name(w_in), dtype_name(x)))
         if self.batch_first:
             x = x.transpose(0, 1)
         steps, batch = x.size(0), x.size(1)
@@ -294,8 +319,7 @@ class CTRNN(nn.Module):
         else:
             check_float_tensor(init_state, "init_state")
             if init_state.dim() != 2 or init_state.size(0) != batch or init_state.size(1) != self.n_hid:
-                raise ValueError("init_state must have shape [B, N_hid] = {}, got shape {}".format(
-                    [batch, self.n_hid], shape_of(init_state)))
+                raise ValueError(Rule.INIT_STATE_SHAPE.value.format([batch, self.n_hid], shape_of(init_state)))
             v = init_state.to(x.dtype)
         # The input drive and both biases for every step in one matmul.
         drive = F.linear(x, w_in, self.recurrent_layer.input_layer.bias)
@@ -332,26 +356,23 @@ class CTRNN(nn.Module):
 
 
 def _check_dims(dims: Sequence[int]) -> Tuple[int, int, int]:
-    message = f"dims must be a sequence (N_in, N_hid, N_out) of three positive ints, got {dims!r}"
     try:
         values = tuple(dims)
     except TypeError:
-        raise TypeError(message) from None
-    out = []
-    for d in values:
-        if isinstance(d, bool) or not hasattr(d, "__index__"):  # ints, numpy ints; not floats or bools
-            raise ValueError(message)
-        out.append(operator.index(d))
-    if len(out) != 3 or any(d <= 0 for d in out):
-        raise ValueError(message)
-    return out[0], out[1], out[2]
+        raise TypeError(Rule.DIMS.value.format(repr(dims))) from None
+    # ints and numpy ints; not floats or bools
+    if len(values) != 3 or any(isinstance(d, bool) or not hasattr(d, "__index__") or operator.index(d) <= 0
+                               for d in values):
+        raise error(Rule.DIMS, repr(dims))
+    n_in, n_hid, n_out = (operator.index(d) for d in values)
+    return n_in, n_hid, n_out
 
 
 def _per_layer_spec(value, name: str) -> Tuple:
     """One spec for all three layers, or a list/tuple of three (input, hidden, readout)."""
     if isinstance(value, (list, tuple)):
         if len(value) != 3:
-            raise TypeError(f"{name} must be one value or a sequence of three (input, hidden, readout), got {value!r}")
+            raise error(Rule.PER_LAYER, name, repr(value))
         return tuple(value)
     if isinstance(value, Tensor):
         raise TypeError(f"{name} as a tensor must be given per layer: a sequence of three (input, hidden, readout)")
@@ -363,12 +384,12 @@ def _check_bias_spec(layer: str, spec, size: int) -> None:
         return
     if isinstance(spec, str):
         if spec not in BIAS_INITS:
-            raise ValueError(f"biases for the {layer} layer must be True, False, None, one of {list(BIAS_INITS)} "
-                             f"or a tensor, got {spec!r}")
+            raise error(Rule.LAYER_CHOICE, "biases", layer, f"True, False, None, {list(BIAS_INITS)} or a tensor",
+                        repr(spec))
         return
     if isinstance(spec, Tensor):
         if tuple(spec.shape) != (size,):
-            raise ValueError(f"biases for the {layer} layer must have shape [{size}], got {list(spec.shape)}")
+            raise error(Rule.LAYER_SHAPE, "biases", layer, [size], list(spec.shape))
         return
     raise TypeError(f"biases for the {layer} layer must be True, False, None, a string or a tensor, got {spec!r}")
 
@@ -376,14 +397,13 @@ def _check_bias_spec(layer: str, spec, size: int) -> None:
 def _check_weight_spec(layer: str, spec, shape: Tuple[int, int]) -> None:
     if isinstance(spec, str):
         if spec not in WEIGHT_INITS:
-            raise ValueError(f"weights for the {layer} layer must be one of {list(WEIGHT_INITS)} or a tensor, got {spec!r}")
+            raise error(Rule.LAYER_CHOICE, "weights", layer, f"{list(WEIGHT_INITS)} or a tensor", repr(spec))
         return
     if isinstance(spec, Tensor):
         if tuple(spec.shape) != shape:
-            raise ValueError(f"weights for the {layer} layer must have shape {list(shape)} (out x in), "
-                             f"got {list(spec.shape)}")
+            raise error(Rule.LAYER_SHAPE, "weights", layer, list(shape), list(spec.shape))
         if not bool(torch.isfinite(spec).all()):
-            raise ValueError(f"weights for the {layer} layer must be finite")
+            raise error(Rule.LAYER_FINITE, "weights", layer)
         return
     raise TypeError(f"weights for the {layer} layer must be a string or a tensor, got {spec!r}")
 
@@ -442,8 +462,8 @@ def _masks(masks: MaskArg, name: str, linears, allow_vector: bool):
             mask = mask.reshape(1, -1).expand(shape)
         if tuple(mask.shape) != shape:
             expected = f"{list(shape)}" + (f" or [{lin.in_features}]" if allow_vector else "")
-            raise ValueError(f"{name} for the {layer} layer must have shape {expected}, got {list(mask.shape)}")
+            raise error(Rule.LAYER_SHAPE, name, layer, expected, list(mask.shape))
         if not bool(torch.isfinite(mask.to(torch.float64)).all()):
-            raise ValueError(f"{name} for the {layer} layer must be finite")
+            raise error(Rule.LAYER_FINITE, name, layer)
         out.append(mask.to(lin.weight.dtype).contiguous())
     return tuple(out)

@@ -1,5 +1,5 @@
 """The module ``ctrnn_train.pt`` holds: model + loss in one forward, for training loops in C++."""
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -44,5 +44,5 @@ class CTRNNTrainer(nn.Module):
         return self.loss.model.batch_first
 
     @torch.jit.export
-    def set_lambda(self, name: str, value: float) -> None:
+    def set_lambda(self, name: str, value: Union[float, int, bool]) -> None:
         self.loss.set_lambda(name, value)

@@ -49,7 +49,7 @@ import stat
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from .artifacts import MANIFEST, GENERATOR, NotAnExport, Unreadable, check_sums, read_manifest
+from .folder import GENERATOR, MANIFEST, NotAnExport, Unreadable, check_sums, is_plain_file, read_manifest
 
 try:
     import fcntl
@@ -101,6 +101,8 @@ def occupant(real: Path) -> Tuple[str, str]:
         return "free", ""
     if real.is_symlink():  # only a symlink loop survives realpath
         return "blocked", f"{real} is a symlink (a loop, or a link where a folder is needed)"
+    if os.path.ismount(real):  # renaming it fails with EBUSY, but only at the very end
+        return "blocked", f"{real} is a mount point, which cannot be replaced; name a folder inside it"
     if not real.is_dir():
         return "blocked", f"{real} is a file, not a folder"
     try:
@@ -116,8 +118,7 @@ def occupant(real: Path) -> Tuple[str, str]:
     except NotAnExport as e:
         return "blocked", f"{real} holds {_names(real, entries)}: not an export of {GENERATOR} ({e})"
     listed = manifest["sha256"]
-    foreign = [e for e in entries if e != MANIFEST and (e not in listed or (real / e).is_symlink()
-                                                        or not (real / e).is_file())]
+    foreign = [e for e in entries if e != MANIFEST and (e not in listed or not is_plain_file(real / e))]
     if foreign:
         return "blocked", (f"{real} holds {_names(real, foreign)} besides the export its {MANIFEST} lists")
     # A listed artifact may be missing (nothing of the user's is lost then); the first changed one blocks.

@@ -45,14 +45,9 @@ tests/test_parity.py checks that such mistakes fail.
 import dataclasses
 import io
 import math
-from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-
-from .artifacts import LOSS_ONNX, LOSS_PT, LOSS_PT2, OUTPUT_NAMES, TRAIN_PT, input_names, sample_inputs
-from .native import NATIVE, load_native
-from .trainer import CTRNNTrainer
 
 UNIT_ROUNDOFF = 2.0 ** -24
 MARGIN = 10.0
@@ -134,6 +129,10 @@ class Row:
     def passed(self) -> bool:
         return not self.error and not self.exceeded
 
+    def why(self) -> str:
+        """What failed, as the quantity that failed: the error, or the largest error / allowance."""
+        return self.error or f"an entry off by {self.worst:.3g} x its allowance (rtol {self.rtol:.2g})"
+
     def update(self, got: torch.Tensor, ref: torch.Tensor, allowed) -> None:
         """Compare ``got`` with ``ref`` entry by entry; ``allowed`` is the absolute allowance
         (a tensor like ``ref`` or a number). NaN must be at the same entries in both; an infinity
@@ -179,12 +178,6 @@ class Row:
         return d
 
 
-def devices_for(choice: str) -> List[str]:
-    if choice == "cpu":
-        return ["cpu"]
-    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
-        return ["cpu", "cuda"]
-    return ["cpu"]
 
 
 def fresh_shapes(time: int, batch: int) -> List[Tuple[int, int]]:
@@ -193,65 +186,43 @@ def fresh_shapes(time: int, batch: int) -> List[Tuple[int, int]]:
     return [s for s in shapes if s != (time, batch)]
 
 
-def _inputs(loss, time, batch, seed, device, mask):
-    return [t.to(device) for t in sample_inputs(loss, time, batch, seed, mask=mask)]
-
-
-def _loss_outputs_and_grads(fn: Callable, loss_params: Dict[str, torch.Tensor], inputs):
-    """(total, components) and the gradients of (total + Σ components) / 2 w.r.t. pred, states, params
-    (the halves: see the module docstring).
-
-    ``inputs`` are (pred, label, states[, mask]); the mask, like the label, is a constant.
-    """
-    pred = inputs[0].detach().clone().requires_grad_(True)
-    states = inputs[2].detach().clone().requires_grad_(True)
-    total, comps = fn(pred, inputs[1], states, *inputs[3:])
-    wanted = [pred, states] + list(loss_params.values())
-    grads = torch.autograd.grad(0.5 * total + 0.5 * comps.sum(), wanted, allow_unused=True)
-    named = dict(zip(["d_pred", "d_states"] + [f"d_{k}" for k in loss_params], grads))
-    return [total, comps], named
-
-
-def _compare_gradients(row: Row, got: Dict[str, Optional[torch.Tensor]], ref: Dict[str, Optional[torch.Tensor]],
-                       rtol: float) -> None:
-    for key, g in ref.items():
-        if g is None or got.get(key) is None:
-            if (g is None) != (got.get(key) is None):
-                raise AssertionError(f"gradient {key} present in only one of eager and runtime")
-            continue
-        row.compare_gradient(got[key], g, rtol)
-
-
-def _compare_loss(row: Row, eager, runtime, runtime_params, shapes, device, eager_cpu, mask):
-    """Values and gradients (pred, states, trainable parameters) of ``runtime`` vs ``eager``.
-
-    Inputs are sampled with the CPU model (its generator is a CPU one) and moved to ``device``.
-    """
-    eager_params = trainable(eager)
-    for i, (t, b) in enumerate(shapes):
-        inputs = _inputs(eager_cpu, t, b, seed=100 + i, device=device, mask=mask)
-        n = max(inputs[0].numel(), inputs[2].numel())
-        ref, ref_g = _loss_outputs_and_grads(eager, eager_params, inputs)
-        got, got_g = _loss_outputs_and_grads(runtime, runtime_params, inputs)
-        _compare_gradients(row, got_g, ref_g, gradient_rtol(eager.active, inputs[2], n))
-        row.compare_loss(got, ref, eager.lambdas, inputs[2], n)
-    row.checked = f"{len(shapes)} shapes (T,B) {shapes}{', with mask' if mask else ''}, values + gradients"
-
-
-def _compare_values(row: Row, eager_cpu, run: Callable, shapes, seed: int, mask: bool) -> None:
-    """Values only: ``run(inputs)`` against eager on the CPU, on CPU inputs sampled for each shape
-    (seeds ``seed``, ``seed + 1``, …)."""
-    for i, (t, b) in enumerate(shapes):
-        inputs = _inputs(eager_cpu, t, b, seed=seed + i, device="cpu", mask=mask)
-        with torch.no_grad():
-            ref = eager_cpu(*inputs)
-            got = run(inputs)
-        row.compare_loss(got, ref, eager_cpu.lambdas, inputs[2], max(inputs[0].numel(), inputs[2].numel()))
-
-
 def trainable(module) -> Dict[str, torch.Tensor]:
     """The parameters that receive gradients (nn4n's fixed zero biases and init state do not)."""
     return {name: p for name, p in module.named_parameters() if p.requires_grad}
+
+
+def outputs_and_grads(fn: Callable, params: Dict[str, torch.Tensor], inputs: Sequence[torch.Tensor], grads: bool):
+    """(total, components) of ``fn(pred, label, states[, mask])`` and, with ``grads``, the gradients of
+    (total + Σ components) / 2 w.r.t. pred, states and ``params`` (the halves: see the module docstring)."""
+    pred = inputs[0].detach().clone().requires_grad_(grads)
+    states = inputs[2].detach().clone().requires_grad_(grads)
+    with torch.set_grad_enabled(grads):
+        total, comps = fn(pred, inputs[1], states, *inputs[3:])
+    if not grads:
+        return [total, comps], {}
+    wanted = [pred, states] + list(params.values())
+    got = torch.autograd.grad(0.5 * total + 0.5 * comps.sum(), wanted, allow_unused=True)
+    return [total, comps], dict(zip(["d_pred", "d_states"] + [f"d_{k}" for k in params], got))
+
+
+def compare_loss(row: Row, eager, runtime: Callable, runtime_params: Optional[Dict[str, torch.Tensor]],
+                 inputs_for: Callable[[int, int, int], Sequence[torch.Tensor]], shapes) -> None:
+    """Values — and gradients w.r.t. pred, states and every trainable parameter when ``runtime_params`` is
+    given — of ``runtime(pred, label, states[, mask])`` against ``eager`` on ``inputs_for(i, time, batch)``."""
+    grads = runtime_params is not None
+    for i, (t, b) in enumerate(shapes):
+        inputs = inputs_for(i, t, b)
+        n = max(inputs[0].numel(), inputs[2].numel())
+        ref, ref_g = outputs_and_grads(eager, trainable(eager), inputs, grads)
+        got, got_g = outputs_and_grads(runtime, runtime_params or {}, inputs, grads)
+        rtol = gradient_rtol(eager.active, inputs[2], n)
+        for key, g in ref_g.items():
+            if (g is None) != (got_g.get(key) is None):
+                raise AssertionError(f"gradient {key} present in only one of eager and runtime")
+            if g is not None:
+                row.compare_gradient(got_g[key], g, rtol)
+        row.compare_loss(got, ref, eager.lambdas, inputs[2], n)
+    row.checked = f"{len(shapes)} shapes (T,B) {shapes}, values" + (" + gradients" if grads else "")
 
 
 def is_out_of_memory(e: BaseException) -> bool:
@@ -261,115 +232,22 @@ def is_out_of_memory(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and ("can't allocate memory" in str(e) or "out of memory" in str(e))
 
 
-def _check(rows: List[Row], row: Row, body: Callable[[Row], None]) -> None:
+def run_row(row: Row, body: Callable[[Row], None]) -> Row:
+    """``body(row)``; a failure to load or run is the row's error (out of memory is the caller's: exit 2)."""
     try:
         body(row)
-    except Exception as e:  # a failure to load or run is a failed check, reported in the table
+    except Exception as e:  # noqa: BLE001
         if is_out_of_memory(e):
-            raise  # not the artifact's fault: the caller reports it (exit 2)
-        row.error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:200] if str(e).strip() else ''}"
-    rows.append(row)
-
-
-def check_artifacts(folder: Path, eager_cpu, config: Dict[str, Any], devices: Sequence[str]) -> List[Row]:
-    """Run every artifact on every runtime and device against eager; returns the table rows."""
-    ex = config["example"]
-    mask = bool(config.get("mask", False))
-    shapes = fresh_shapes(ex["time"], ex["batch"])
-    rows: List[Row] = []
-    for device in devices:
-        eager = _moved(eager_cpu, device)
-
-        def torchscript_loss(row, eager=eager, device=device):
-            scripted = torch.jit.load(str(folder / LOSS_PT), map_location=device)
-            _compare_loss(row, eager, scripted, trainable(scripted), shapes, device, eager_cpu, mask)
-
-        def torchscript_train(row, eager=eager, device=device):
-            scripted = torch.jit.load(str(folder / TRAIN_PT), map_location=device)
-            trainer = CTRNNTrainer(eager)
-            for i, (t, b) in enumerate(shapes):
-                g = torch.Generator().manual_seed(200 + i)
-                lead = (b, t) if eager.model.batch_first else (t, b)
-                x = torch.randn(*lead, eager.model.n_in, generator=g).to(device)
-                target = torch.randn(*lead, eager.model.n_out, generator=g).to(device)
-                extra = [torch.rand(*lead, eager.model.n_out, generator=g).to(device)] if mask else []
-                ref, got = trainer(x, target, *extra), scripted(x, target, *extra)
-                n = max(ref[2].numel(), ref[3].numel())
-                row.compare_loss(got[:2], ref[:2], eager.lambdas, ref[3], n)
-                # output and states: the CTRNN's forward, sums of N_in + N_hid terms per step
-                for a, r in zip(got[2:], ref[2:]):
-                    row.compare_gradient(a, r, sum_rtol(n))
-                rtol = gradient_rtol(eager.active, ref[3], n)
-                for a, r in zip(torch.autograd.grad(got[0], list(trainable(scripted).values())),
-                                torch.autograd.grad(ref[0], list(trainable(trainer).values()))):
-                    row.compare_gradient(a, r, rtol)
-            row.checked = (f"{len(shapes)} shapes, forward(x, target{', mask' if mask else ''}) values + "
-                           "parameter gradients")
-
-        def exported_program(row, eager=eager, device=device):
-            program = torch.export.load(str(folder / LOSS_PT2))
-            if device != "cpu":
-                from torch.export.passes import move_to_device_pass
-                program = move_to_device_pass(program, device)
-            module = program.module()
-            _compare_loss(row, eager, module, trainable(module), shapes, device, eager_cpu, mask)
-
-        def native_file(row, eager=eager, device=device):
-            # The native C++ library's file, read back by Python (the C++ side is tests/test_cpp.py).
-            native = _moved(load_native(folder / NATIVE), device)
-            _compare_loss(row, eager, native, trainable(native), shapes, device, eager_cpu, mask)
-
-        _check(rows, Row(LOSS_PT, "torchscript", device), torchscript_loss)
-        _check(rows, Row(TRAIN_PT, "torchscript", device), torchscript_train)
-        _check(rows, Row(LOSS_PT2, "torch.export", device), exported_program)
-        _check(rows, Row(NATIVE, "eager from the file", device), native_file)
-        if device != "cpu":
-            def cross_device(row, eager=eager, device=device):
-                _compare_values(row, eager_cpu, lambda inputs: eager(*[x.to(device) for x in inputs]),
-                                shapes, 300, mask)
-                row.checked = f"{len(shapes)} shapes, eager {device} vs eager cpu"
-            _check(rows, Row("RNNLoss (eager)", "eager", f"{device} vs cpu"), cross_device)
-    for provider in onnx_providers(devices):
-        def onnx_runtime(row, provider=provider):
-            import onnxruntime as ort
-            session = ort.InferenceSession(str(folder / LOSS_ONNX), providers=[provider])
-            if provider not in session.get_providers():
-                raise RuntimeError(f"{provider} did not load (session has {session.get_providers()})")
-
-            def run(inputs):
-                feeds = {name: x.numpy() for name, x in zip(input_names(inputs), inputs)}
-                return [torch.from_numpy(a) for a in session.run(list(OUTPUT_NAMES), feeds)]
-            _compare_values(row, eager_cpu, run, shapes, 400, mask)
-            row.checked = f"{len(shapes)} shapes (T,B) {shapes}{', with mask' if mask else ''}, values"
-        device = "cuda" if provider == "CUDAExecutionProvider" else "cpu"
-        _check(rows, Row(LOSS_ONNX, f"onnxruntime {provider.replace('ExecutionProvider', '')}", device), onnx_runtime)
-    return rows
-
-
-def onnx_providers(devices: Sequence[str]) -> List[str]:
-    """CPU always; CUDA where onnxruntime-gpu is installed (and a GPU is in use)."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        return ["CPUExecutionProvider"]  # reported as a failed row: the ONNX artifact cannot be run
-    available = ort.get_available_providers()
-    out = ["CPUExecutionProvider"]
-    if "cuda" in devices and "CUDAExecutionProvider" in available:
-        out.append("CUDAExecutionProvider")
-    return out
-
-
-def _moved(loss, device):
-    if device == "cpu":
-        return loss
-    import copy
-    return copy.deepcopy(loss).to(device)
+            raise
+        text = str(e).strip()
+        row.error = f"{type(e).__name__}: {text.splitlines()[-1][:200] if text else ''}"
+    return row
 
 
 def format_table(rows: Sequence[Row]) -> str:
     header = ("artifact", "runtime", "device", "max abs err", "max rel err", "err/allowed", "its rtol", "result")
     body = [(r.artifact, r.runtime, r.device, f"{r.max_abs:.3e}", f"{r.max_rel:.3e}", f"{r.worst:.3f}", f"{r.rtol:.1e}",
-             "pass" if r.passed else ("FAIL: " + r.error if r.error else "FAIL")) for r in rows]
+             "pass" if r.passed else "FAIL: " + r.why()) for r in rows]
     widths = [max(len(str(x[i])) for x in [header] + body) for i in range(len(header))]
     out = io.StringIO()
     for k, line in enumerate([header] + body):

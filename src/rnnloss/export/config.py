@@ -6,14 +6,15 @@ numbers finite and at most the largest float32 (the modules compute in float32: 
 would be inf there), seeds what ``torch.manual_seed`` accepts (0 … 2^64 − 1). Whether the
 model fits the machine's memory and disk is checked by the export itself.
 """
+import difflib
 import functools
 import json
 import math
 from importlib import resources
 from typing import Any, Dict
 
-from .loss import FLOAT32_MAX, LAMBDA_NAMES
-from .model import ACTIVATIONS, INIT_STATES
+from ..model import ACTIVATIONS, INIT_STATES
+from ..rules import FLOAT32_MAX, LAMBDA_NAMES
 
 
 class ConfigError(ValueError):
@@ -38,7 +39,7 @@ def _show(v: Any) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _default_text() -> str:
-    return resources.files("rnnloss").joinpath("default_config.json").read_text()
+    return resources.files("rnnloss.export").joinpath("default_config.json").read_text()
 
 
 def default_config() -> Dict[str, Any]:
@@ -130,6 +131,12 @@ SCHEMA = {
 }
 
 
+def _unknown(key: str, valid) -> str:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], list(valid), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown {'key' if '.' in key else 'section'}{hint}; expected one of {list(valid)}"
+
+
 def validate(raw: Any) -> Dict[str, Any]:
     """Merge ``raw`` over the default and check every key; returns the full config."""
     if not isinstance(raw, dict):
@@ -137,7 +144,7 @@ def validate(raw: Any) -> Dict[str, Any]:
     config = default_config()
     for section, value in raw.items():
         if section not in SCHEMA:
-            raise ConfigError(section, f"unknown section; expected one of {list(SCHEMA)}")
+            raise ConfigError(section, _unknown(section, SCHEMA))
         spec = SCHEMA[section]
         if callable(spec):
             config[section] = spec(section, value)
@@ -146,7 +153,7 @@ def validate(raw: Any) -> Dict[str, Any]:
             raise ConfigError(section, f"expected an object, got {_show(value)}")
         for key, item in value.items():
             if key not in spec:
-                raise ConfigError(f"{section}.{key}", f"unknown key; expected one of {list(spec)}")
+                raise ConfigError(f"{section}.{key}", _unknown(f"{section}.{key}", spec))
             config[section][key] = spec[key](f"{section}.{key}", item)
     model = config["model"]
     if model["dt"] > model["tau"]:

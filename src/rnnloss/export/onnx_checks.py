@@ -24,15 +24,17 @@ An exported graph has no Python around it, so the checks it can see must be part
 """
 from typing import Dict, List, Optional, Sequence
 
-LABEL_SHAPE = "pred and label must have the same shape"
-PRED_EMPTY = "pred must not be empty"
-STATES_EMPTY = "states must not be empty"
-STATES_SAMPLES = "states must have pred's time and batch sizes in an exported graph"
-MASK_SHAPE = "mask must have pred's shape"
-MASK_WEIGHTS = "mask must hold finite weights >= 0"
+from ..rules import Rule, head
+
+LABEL_SHAPE = head(Rule.LABEL_SHAPE)
+PRED_EMPTY = head(Rule.EMPTY, "pred")
+STATES_EMPTY = head(Rule.EMPTY, "states")
+STATES_SAMPLES = head(Rule.GRAPH_SAMPLES)
+MASK_SHAPE = head(Rule.MASK_SHAPE, "[time, batch, N_out]", "")
+MASK_WEIGHTS = head(Rule.MASK_WEIGHTS)
 
 
-def add_onnx_refusals(model):
+def add_refusals(model):
     """Add the run-time refusals to an exported loss graph in place; returns ``model``.
 
     Checks (each a ``Reshape`` node named after its message, gating the input it names), for the

@@ -1,57 +1,20 @@
-"""What an export folder holds: artifact names, the modules and inputs they are built from, sums.
+"""What an export folder is, without torch: its file names, its manifest, the sums of its files.
 
-Both :mod:`rnnloss.export` (which writes the folder) and :mod:`rnnloss.parity` (which checks it)
-import this module; neither imports the other.
+The install (:mod:`.install`) and the CLI's first checks read only this; the registry of how each
+artifact is written, loaded and checked is :mod:`.artifacts`.
 """
 import hashlib
 import json
+import os
+import stat
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
-import torch
-
-from .loss import RNNLoss
-from .model import CTRNN
-from .native import NATIVE
-
-LOSS_PT, TRAIN_PT, LOSS_ONNX, LOSS_PT2, MANIFEST = (
-    "rnn_loss.pt", "ctrnn_train.pt", "rnn_loss.onnx", "rnn_loss.pt2", "manifest.json")
-ARTIFACTS = (LOSS_PT, TRAIN_PT, LOSS_ONNX, LOSS_PT2, NATIVE, MANIFEST)
-INPUT_NAMES = ("pred", "label", "states")
-MASKED_INPUT_NAMES = INPUT_NAMES + ("mask",)  # with "mask": true in the config
-OUTPUT_NAMES = ("total", "components")
+# Every file an export writes, in the order the export writes them; the manifest last.
+FILES = ("rnn_loss.pt", "ctrnn_train.pt", "rnn_loss.pt2", "rnn_loss.onnx", "rnnloss_native.pt", "ctrnn.pte",
+         "rnn_loss.pte", "ctrnn_train.pte", "manifest.json")
+MANIFEST = "manifest.json"
 GENERATOR = "rnnloss-export"  # manifest["generator"]: marks a folder this command wrote
-
-
-def build(config: Dict[str, Any]) -> RNNLoss:
-    """The model (seeded) and its loss, in eval mode, as the (validated) config says."""
-    torch.manual_seed(config["seed"])
-    m = config["model"]
-    model = CTRNN(tuple(m["dims"]), tau=m["tau"], dt=m["dt"], activation=m["activation"],
-                  batch_first=m["batch_first"], preact_noise=m["preact_noise"], postact_noise=m["postact_noise"],
-                  init_state=m["init_state"], learn_alpha=m["learn_alpha"])
-    return RNNLoss(model, **config["loss"]).eval()
-
-
-def sample_inputs(loss: RNNLoss, time: int, batch: int, seed: int, mask: bool = False) -> Tuple[torch.Tensor, ...]:
-    """pred and states from running the model on random input, and a random label; with ``mask``,
-    also graded weights shaped like pred, about a third of them 0."""
-    g = torch.Generator().manual_seed(seed)
-    model = loss.model
-    shape = (batch, time) if model.batch_first else (time, batch)
-    x = torch.randn(*shape, model.n_in, generator=g)
-    with torch.no_grad():
-        pred, states = model(x)
-    label = torch.randn(pred.shape, generator=g)
-    if not mask:
-        return pred, label, states
-    weights = torch.rand(pred.shape, generator=g) * 1.5
-    return pred, label, states, torch.where(weights < 0.5, torch.zeros_like(weights), weights)
-
-
-def input_names(example: Sequence[torch.Tensor]) -> Tuple[str, ...]:
-    """The graph inputs for example inputs (pred, label, states[, mask])."""
-    return MASKED_INPUT_NAMES if len(example) == len(MASKED_INPUT_NAMES) else INPUT_NAMES
 
 
 def sha256(path: Path) -> str:
@@ -70,9 +33,19 @@ class Unreadable(NotAnExport):
     """The manifest is there but cannot be read (no permission, say): what the folder is, is unknown."""
 
 
+def is_plain_file(path: Path) -> bool:
+    """A regular file, not a link: anything else (a FIFO, a device) could block a reader forever."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
 def read_manifest(folder: Path) -> Dict[str, Any]:
     """The folder's manifest, checked for the keys an export always has (raises NotAnExport)."""
     path = folder / MANIFEST
+    if os.path.lexists(path) and not is_plain_file(path):
+        raise NotAnExport(f"{path} is not a regular file")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -91,7 +64,7 @@ def read_manifest(folder: Path) -> Dict[str, Any]:
     # Older exports carry no generator mark; their component_names list stands in for it.
     marked = manifest.get("generator") == GENERATOR or "component_names" in manifest
     if (not marked or not isinstance(sums, dict) or not sums
-            or not all(k in ARTIFACTS and k != MANIFEST and isinstance(v, str) for k, v in sums.items())):
+            or not all(k in FILES and k != MANIFEST and isinstance(v, str) for k, v in sums.items())):
         # Only names this command writes: a hand-made manifest listing a user's file (thesis.tex)
         # must not make --force replace it.
         raise NotAnExport(f"{path} was not written by {GENERATOR} (no generator mark, or a sha256 table that "
@@ -107,7 +80,7 @@ def check_sums(folder: Path, manifest: Dict[str, Any],
     table = manifest["sha256"]
     for name in table if names is None else names:
         path = folder / name
-        if path.is_symlink() or not path.is_file():
+        if not is_plain_file(path):
             yield name, "missing"
         elif sha256(path) != table[name]:
             yield name, "changed"

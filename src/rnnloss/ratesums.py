@@ -1,0 +1,193 @@
+r"""The rate-sum engine: :math:`\sum_{s,i} r_{s,i}^2` and the per-neuron sums :math:`\sum_s r_{s,i}`.
+
+``fr``, ``fr_sd`` and ``fr_cv`` need only these two sums of the rates r (every leading index a
+sample s, the last axis the neuron i). The loss is memory-bound — its floor is one read of the
+rates — so how the sums are taken decides its speed, and at 10^7 float32 rates it also decides
+whether the contract's accuracy (1e-5 against float64) holds. :func:`rate_sums` is the one
+dispatch point; every path returns float64 sums equal to float32 rounding:
+
+============== ====================================================================================
+eager          :class:`_RateSums`: values from :func:`sums` (below); the backward writes
+               :math:`2 g_{sq} r + g_{col}` in one pass (``addcmul``) and is built of differentiable
+               operations, so second-order gradients are exact. A naive formulation writes four
+               full-size tensors in its backward; this one writes the gradient only.
+TorchScript    (no autograd Function there) :func:`sums` of the detached rates for the values, plus
+               :math:`q - \operatorname{detach}(q)` (exactly 0) for the same sums taken by stock
+               operations whenever grad mode is on, so autograd and ``torch.func`` see every
+               derivative of the formula; one full-size write more than eager.
+torch.compile  plain operations, which Inductor fuses.
+torch.export   (and so ONNX, ExecuTorch) the rates cast to float64 first: other runtimes (ONNX
+               Runtime) add long reductions one element at a time, which in float32 misses the bound.
+============== ====================================================================================
+
+:func:`sums` reads the sample axes in memory order (a batch-first view needs no copy; rates not
+contiguous in any order of their sample axes are copied once, 1x the rates). On the CPU it takes
+blocks of about 2^20 rates (4 MiB of float32), each read twice back to back — Σ r² as squared row
+norms (no temporary; up to 1024 neurons, where torch's float32 row norm is still exact to 1e-7),
+else Σ b·b in the block — and the column sums over groups of 1024 rows in the rates' dtype, so that
+the second read comes from the cache; block results are added in float64. A single CPU block sums
+its columns in float64 (equal neurons keep equal sums, so σ = 0 stays exactly 0). On a GPU a kernel
+launch costs about as much as reading 2^24 rates: float32/16 rates are one block (row norms there
+are tree reductions, accurate at any width); float64 rates, summed as Σ b·b, blocks of 2^24.
+"""
+from typing import List, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+def accumulation_dtype(t: Tensor) -> torch.dtype:
+    """float16 / bfloat16 accumulate (and return) in float32; float32 / float64 keep theirs."""
+    if t.dtype == torch.float16 or t.dtype == torch.bfloat16:
+        return torch.float32
+    return t.dtype
+
+
+def rows_of(states: Tensor) -> Tensor:
+    """(samples, N_hid) rows of the rates, their sample axes permuted into memory order (largest stride
+    first) so that transposed layouts are read as a view; sums over samples do not depend on the order."""
+    order: List[int] = []
+    strides = states.stride()
+    for axis in range(states.dim() - 1):  # insertion sort by descending stride (TorchScript has no key=)
+        at = len(order)
+        while at > 0 and strides[order[at - 1]] < strides[axis]:
+            at -= 1
+        order.insert(at, axis)
+    order.append(states.dim() - 1)
+    return states.permute(order).reshape(-1, states.size(-1))
+
+
+def neuron_sums(rows: Tensor) -> Tensor:
+    """Per-neuron sums of (samples, N) rows in float64: groups of 1024 rows in the accumulation dtype
+    (short sums, exact to ~1e-7), the group sums and the rest added in float64. Differentiable."""
+    whole = rows.size(0) // 1024 * 1024
+    total = rows.narrow(0, whole, rows.size(0) - whole).sum(0, dtype=torch.float64)
+    if whole > 0:
+        groups = rows.narrow(0, 0, whole).reshape(whole // 1024, 1024, rows.size(1))
+        total = total + groups.sum(1, dtype=accumulation_dtype(rows)).sum(0, dtype=torch.float64)
+    return total
+
+
+def sums(states: Tensor, need_sq: bool, need_col: bool) -> Tuple[Tensor, Tensor]:
+    """The values of Σ r² and the per-neuron sums (float64), fast and accurate (module docstring).
+
+    Only the sums asked for are taken; the other is a float64 zero."""
+    rows = rows_of(states)
+    n = rows.size(1)
+    acc = accumulation_dtype(rows)
+    cpu = rows.device.type == "cpu"
+    norms = rows.dtype != torch.float64 and (n <= 1024 or not cpu)
+    if cpu:
+        step = max(1, 1048576 // n)
+        step = step // 1024 * 1024 if step >= 2048 else step  # whole groups of neuron_sums
+    else:
+        step = max(1, rows.size(0) if norms else 16777216 // n)
+    sq = torch.zeros((), dtype=torch.float64, device=rows.device)
+    col = sq
+    blocks = rows.split(step)
+    for k in range(len(blocks)):
+        block = blocks[k]
+        if need_sq:
+            if norms:
+                r = torch.linalg.vector_norm(block, dim=-1, dtype=acc).to(torch.float64)
+                sq = sq + (r * r).sum()
+            else:
+                b = block.to(acc)
+                sq = sq + (b * b).sum().to(torch.float64)
+        if need_col:
+            part = block.sum(0, dtype=torch.float64) if cpu and len(blocks) == 1 else neuron_sums(block)
+            col = part if k == 0 else col + part
+    return sq, col
+
+
+def plain_sums(states: Tensor, need_sq: bool, need_col: bool, exporting: bool) -> Tuple[Tensor, Tensor]:
+    """Σ r² and the per-neuron sums as plain differentiable operations: torch.compile fuses them; under
+    torch.export the rates are cast to float64 first (``vector_norm``: ONNX ReduceL2, no r² temporary)."""
+    zero = torch.zeros((), dtype=torch.float64, device=states.device)
+    sq, col = zero, zero
+    if exporting:
+        r = states.to(torch.float64)
+        if need_sq:
+            norms = torch.linalg.vector_norm(r, dim=-1)
+            sq = (norms * norms).sum()
+        if need_col:
+            col = r.reshape(-1, r.size(-1)).sum(0)
+        return sq, col
+    if need_sq:
+        r = states.to(accumulation_dtype(states))
+        sq = (r * r).sum(-1).to(torch.float64).sum()
+    if need_col:
+        col = neuron_sums(rows_of(states))
+    return sq, col
+
+
+def _scripted_sums(states: Tensor, need_sq: bool, need_col: bool) -> Tuple[Tensor, Tensor]:
+    """TorchScript: the values of :func:`sums` and, in grad mode, :math:`q - \\operatorname{detach}(q)`
+    for q taken by stock operations (the per-neuron sums first, so that autograd, which runs later
+    operations first, adds their broadcast gradient into ``mse_loss``'s fresh gradient in place).
+
+    Grad mode, not ``states.requires_grad``: inside ``torch.func`` transforms the rates do not report
+    requiring grad, and values alone would make every second derivative 0."""
+    sq, col = sums(states.detach(), need_sq, need_col)
+    if not torch.is_grad_enabled():
+        return sq, col
+    rows = rows_of(states).to(accumulation_dtype(states))
+    if need_col:
+        c = rows.sum(0)
+        col = col + (c - c.detach()).to(torch.float64)
+    if need_sq:
+        q = F.mse_loss(rows, rows.new_zeros((1, 1)).expand(rows.shape), reduction="sum")
+        sq = sq + (q - q.detach()).to(torch.float64)
+    return sq, col
+
+
+class _RateSums(torch.autograd.Function):
+    r"""Eager: (Σr², per-neuron sums) with the one-pass backward :math:`2 g_{sq} r + g_{col}`."""
+
+    generate_vmap_rule = True  # torch.func.vmap (per-sample gradients) works through it
+
+    @staticmethod
+    def forward(states: Tensor, need_sq: bool, need_col: bool):  # type: ignore[override]
+        return sums(states, need_sq, need_col)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])
+        ctx.need = inputs[1:]
+
+    @staticmethod
+    def jvp(ctx, states_t: Tensor, _sq: None, _col: None):  # type: ignore[override]
+        (states,) = ctx.saved_tensors
+        need_sq, need_col = ctx.need
+        zero = torch.zeros((), dtype=torch.float64, device=states.device)
+        t_sq = 2.0 * (states.to(torch.float64) * states_t.to(torch.float64)).sum() if need_sq else zero
+        return t_sq, (neuron_sums(rows_of(states_t)) if need_col else zero)
+
+    @staticmethod
+    def backward(ctx, g_sq: Tensor, g_col: Tensor):  # type: ignore[override]
+        (states,) = ctx.saved_tensors
+        need_sq, need_col = ctx.need
+        acc = accumulation_dtype(states)
+        if need_sq and need_col:
+            grad = torch.addcmul(g_col.to(acc), states, (2.0 * g_sq).to(acc))
+        elif need_sq:
+            grad = states * (2.0 * g_sq).to(acc)
+        else:
+            grad = g_col.to(acc).expand(states.shape)
+        return grad.to(states.dtype), None, None
+
+
+def rate_sums(states: Tensor, need_sq: bool, need_col: bool) -> Tuple[Tensor, Tensor]:
+    r"""float64 :math:`\sum_{s,i} r_{s,i}^2` and :math:`\sum_s r_{s,i}` of ``states`` (…, N_hid): the
+    dispatch point of the module docstring's table. Only the sums asked for are taken (the other is 0)."""
+    if torch.jit.is_scripting():
+        return _scripted_sums(states, need_sq, need_col)
+    return _traced_or_eager(states, need_sq, need_col)
+
+
+@torch.jit.unused
+def _traced_or_eager(states: Tensor, need_sq: bool, need_col: bool) -> Tuple[Tensor, Tensor]:
+    if torch.compiler.is_compiling():
+        return plain_sums(states, need_sq, need_col, torch.compiler.is_exporting())
+    return _RateSums.apply(states, need_sq, need_col)
