@@ -29,7 +29,6 @@ inline constexpr const char* kMaskDtype = "mask must be a real tensor (floating 
 inline constexpr const char* kMaskShape = "mask must have pred's shape {} or pred's shape without its last axis {}, got shape {}";  // ValueError, ESCG
 inline constexpr const char* kMaskWeights = "mask must hold finite weights >= 0";  // ValueError, ESCG
 inline constexpr const char* kGraphShape = "{} must have shape {}";  // ValueError, G
-inline constexpr const char* kGraphSamples = "states must have pred's time and batch sizes in an exported graph";  // ValueError, G
 inline constexpr const char* kXShape = "x must have shape {} with N_in={}, got shape {}";  // ValueError, ESC
 inline constexpr const char* kXDtype = "x must have the model's dtype {}, got dtype {}";  // TypeError, ESC
 inline constexpr const char* kInitStateShape = "init_state must have shape [B, N_hid] = {}, got shape {}";  // ValueError, ESC

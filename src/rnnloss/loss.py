@@ -187,7 +187,8 @@ class RNNLoss(nn.Module):
     def _check_inputs(self, pred: Tensor, label: Tensor, states: Optional[Tensor], mask: Optional[Tensor]) -> None:
         check_float_tensor(pred, "pred")
         check_float_tensor(label, "label")
-        if pred.shape != label.shape:
+        traced = _exporting()  # sizes are symbols then: the exported graphs check them themselves
+        if not traced and pred.shape != label.shape:
             raise ValueError(Rule.LABEL_SHAPE.value.format(shape_of(pred), shape_of(label)))
         if label.device != pred.device:
             raise ValueError(Rule.DEVICE.value.format("label", "pred", str(pred.device), str(label.device)))
@@ -195,14 +196,14 @@ class RNNLoss(nn.Module):
             check_float_tensor(states, "states")
             if states.device != pred.device:
                 raise ValueError(Rule.DEVICE.value.format("states", "pred", str(pred.device), str(states.device)))
-            if states.dim() == 0 or states.size(-1) != self.n_hid:
+            if states.dim() == 0 or (not traced and states.size(-1) != self.n_hid):
                 raise ValueError(Rule.STATES_LAST_DIM.value.format(self.n_hid, shape_of(states)))
         elif self._on[Term.FR.value] or self._on[Term.FR_SD.value] or self._on[Term.FR_CV.value]:
             raise ValueError(Rule.STATES_MISSING.value)
         if mask is not None:
             if mask.is_complex():
                 raise TypeError(Rule.MASK_DTYPE.value.format(dtype_name(mask)))
-            if mask.shape != pred.shape and mask.shape != pred.shape[:-1]:
+            if not traced and mask.shape != pred.shape and mask.shape != pred.shape[:-1]:
                 raise ValueError(Rule.MASK_SHAPE.value.format(shape_of(pred), shape_of(pred)[:-1], shape_of(mask)))
             if mask.device != pred.device:
                 raise ValueError(Rule.DEVICE.value.format("mask", "pred", str(pred.device), str(mask.device)))
@@ -224,8 +225,6 @@ class RNNLoss(nn.Module):
                     raise ValueError(Rule.MASK_WEIGHTS.value)
             else:
                 mask = _refuse_on_device(valid, Rule.MASK_WEIGHTS.value, mask)
-        if _exporting():
-            _graph_refusals(pred, states)
         lam = self._lambdas()
         need_sq = self._on[Term.FR.value]
         need_col = self._on[Term.FR_SD.value] or self._on[Term.FR_CV.value]
@@ -293,14 +292,6 @@ def _refuse_on_device(ok: Tensor, message: str, t: Tensor) -> Tensor:
     return t
 
 
-@torch.jit.unused
-def _graph_refusals(pred: Tensor, states: Optional[Tensor]) -> None:
-    """Under torch.export: the checks that read sizes, as assertion nodes of the graph (the traced sizes are
-    symbols, so the Python checks passed once at trace time). These survive AOTInductor's default build,
-    which drops the program's input guards."""
-    for name, t in (("pred", pred), ("states", states)):
-        if t is not None:
-            torch._assert_async(torch.scalar_tensor(t.numel()) > 0, head(Rule.EMPTY, name))
 
 
 def _check_loaded_lambdas(module: RNNLoss, state_dict, prefix, *args) -> None:

@@ -110,8 +110,8 @@ def plain_sums(states: Tensor, need_sq: bool, need_col: bool, exporting: bool) -
         if need_sq:
             norms = torch.linalg.vector_norm(r, dim=-1)
             sq = (norms * norms).sum()
-        if need_col:
-            col = r.reshape(-1, r.size(-1)).sum(0)
+        if need_col:  # a sum over the sample axes (no Reshape: onnx2torch has no allowzero=1 Reshape)
+            col = r.sum(dim=list(range(r.dim() - 1))) if r.dim() > 1 else r
         return sq, col
     if need_sq:
         r = states.to(accumulation_dtype(states))

@@ -75,7 +75,6 @@ class Rule(enum.Enum):
     MASK_WEIGHTS = "mask must hold finite weights >= 0"
     # exported graphs only (what eager checks differently or not at all)
     GRAPH_SHAPE = "{} must have shape {}"
-    GRAPH_SAMPLES = "states must have pred's time and batch sizes in an exported graph"
     # the model: forward
     X_SHAPE = "x must have shape {} with N_in={}, got shape {}"
     X_DTYPE = "x must have the model's dtype {}, got dtype {}"
@@ -104,7 +103,7 @@ WHERE = {Rule.UNKNOWN_KEYWORD: "E", Rule.LAMBDA_TYPE: "E", Rule.SYNC_EAGER_ONLY:
          Rule.LAMBDAS_VALUES: "ESC",
          Rule.NOT_FLOAT: "ESC", Rule.EMPTY: "ESCG", Rule.LABEL_SHAPE: "ESCG", Rule.DEVICE: "ESC",
          Rule.STATES_MISSING: "ESC", Rule.STATES_LAST_DIM: "ESCG", Rule.MASK_DTYPE: "ESC", Rule.MASK_SHAPE: "ESCG",
-         Rule.MASK_WEIGHTS: "ESCG", Rule.GRAPH_SHAPE: "G", Rule.GRAPH_SAMPLES: "G", Rule.X_SHAPE: "ESC",
+         Rule.MASK_WEIGHTS: "ESCG", Rule.GRAPH_SHAPE: "G", Rule.X_SHAPE: "ESC",
          Rule.X_DTYPE: "ESC", Rule.INIT_STATE_SHAPE: "ESC"}
 
 
@@ -114,10 +113,10 @@ def where(rule: Rule) -> str:
 
 
 def head(rule: Rule, *static) -> str:
-    """The part of ``rule``'s message an exported graph raises: up to ``, got``, with ``static`` (values
-    known at export time, such as N_hid) filled in."""
-    text = rule.value.split(", got")[0]
-    return text.format(*static) if static else text
+    """The part of ``rule``'s message an exported graph raises: up to ``, got`` and up to the first ``{}``
+    that ``static`` (values known at export time, such as N_hid) does not fill."""
+    parts = rule.value.split(", got")[0].split("{}")
+    return "{}".join(parts[:len(static) + 1]).rstrip().format(*static)
 
 
 def error(rule: Rule, *args) -> Exception:

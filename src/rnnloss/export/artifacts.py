@@ -21,7 +21,7 @@ import torch
 
 from ..loss import RNNLoss
 from ..model import CTRNN
-from ..rules import COMPONENT_NAMES, LAMBDA_NAMES
+from ..rules import COMPONENT_NAMES, LAMBDA_NAMES, Rule, head
 from ..trainer import CTRNNTrainer
 from . import onnx_checks
 from .folder import GENERATOR
@@ -58,17 +58,27 @@ def sample_inputs(loss: RNNLoss, time: int, batch: int, seed: int, mask: bool = 
     return pred, label, states, torch.where(weights < 0.5, torch.zeros_like(weights), weights)
 
 
-def axes(config: Dict[str, Any]) -> Tuple[str, str]:
-    return ("batch", "time") if config["model"]["batch_first"] else ("time", "batch")
+def axes(config: Dict[str, Any], prefix: str = "") -> Tuple[str, str]:
+    """The names of the two leading axes in the config's layout."""
+    return (prefix + "batch", prefix + "time") if config["model"]["batch_first"] else (prefix + "time", prefix + "batch")
+
+
+def input_shapes(config: Dict[str, Any]) -> Dict[str, List[Any]]:
+    """The loss graphs' inputs as the ONNX graph declares them: label and mask share pred's axes, states (whose
+    leading axes are samples, as in eager mode) have their own."""
+    n_out, n_hid = config["model"]["dims"][2], config["model"]["dims"][1]
+    shapes = {"pred": [*axes(config), n_out], "label": [*axes(config), n_out],
+              "states": [*axes(config, "states_"), n_hid]}
+    if config["mask"]:
+        shapes["mask"] = [*axes(config), n_out]
+    return shapes
 
 
 def describe(config: Dict[str, Any]) -> Dict[str, Any]:
     """The manifest fields that follow from the config alone."""
     first, second = axes(config)
     n_in, n_hid, n_out = config["model"]["dims"]
-    inputs = {"pred": [first, second, n_out], "label": [first, second, n_out], "states": [first, second, n_hid]}
-    if config["mask"]:
-        inputs["mask"] = [first, second, n_out]
+    inputs = input_shapes(config)
     return {
         "generator": GENERATOR, "component_names": list(COMPONENT_NAMES),
         "lambdas": {name: config["loss"][key] for name, key in zip(COMPONENT_NAMES, LAMBDA_NAMES)},
@@ -197,22 +207,61 @@ def _scripted_state(path: Path) -> Tuple[RNNLoss, Dict[str, torch.Tensor]]:
 
 # ---- torch.export: rnn_loss.pt2 ----
 
-def dynamic_shapes(config: Dict[str, Any], names: Sequence[str]) -> Dict[str, Dict[int, Any]]:
-    """One ``time`` and one ``batch`` dimension shared by every input; the last axis is static."""
+def dynamic_shapes(config: Dict[str, Any], names: Sequence[str], every_axis: bool) -> Dict[str, Dict[int, Any]]:
+    """The inputs' dynamic axes: as :func:`input_shapes` declares them (the ONNX graph), or with ``every_axis``
+    (the .pt2) every axis of every input its own, so that each size check is a node of the graph that
+    AOTInductor keeps (RNNLoss._graph_guards) rather than an input guard, which it drops."""
     from torch.export import Dim
-    dims = {name: Dim(name, min=1) for name in ("time", "batch")}
-    first, second = axes(config)
-    return {name: {0: dims[first], 1: dims[second]} for name in names}
+    declared = input_shapes(config)
+    dims: Dict[str, Any] = {}
+    out = {}
+    for name in names:
+        key = (lambda k: f"{name}_{k}") if every_axis else (lambda k: str(declared[name][k]))
+        out[name] = {k: dims.setdefault(key(k), Dim(key(k).replace("-", "_"), min=1))
+                     for k in range(3) if every_axis or isinstance(declared[name][k], str)}
+    return out
 
 
 def _names(example: Sequence[torch.Tensor]) -> Tuple[str, ...]:
     return INPUTS + ("mask",) if len(example) == 4 else INPUTS
 
 
+class _Guarded(RNNLoss):
+    """The loss as the .pt2 holds it: its size checks are nodes of the graph. Every axis of every input is
+    its own dimension (:func:`dynamic_shapes`), so each check reads real sizes: one assertion node per axis
+    that must equal pred's, then the input copied into pred's sizes, so that nothing is computed from its
+    own. Input guards, which AOTInductor's default build drops, are not relied on."""
+
+    def forward(self, pred, label, states=None, mask=None):
+        def check(ok, message: str) -> None:
+            torch._assert_async(ok, message)
+
+        def like_pred(x: torch.Tensor, message: str) -> torch.Tensor:
+            for k in range(pred.dim()):
+                check(torch.scalar_tensor(x.size(k)) == torch.scalar_tensor(pred.size(k)), message)
+            # an indexed copy (pred-sized, not rates-sized): any layout, and a bounds check of its own
+            return x.reshape(-1)[torch.arange(pred.numel(), device=x.device)].view(pred.shape)
+
+        check(torch.scalar_tensor(pred.size(-1)) == self.model.n_out,
+              head(Rule.GRAPH_SHAPE, "pred", f"[time, batch, {self.model.n_out}]"))
+        for name, t in (("pred", pred), ("states", states)):
+            if t is not None:
+                check(torch.scalar_tensor(t.numel()) > 0, head(Rule.EMPTY, name))
+        if states is not None:
+            check(torch.scalar_tensor(states.size(-1)) == self.n_hid, head(Rule.STATES_LAST_DIM, self.n_hid))
+        label = like_pred(label, head(Rule.LABEL_SHAPE))
+        mask = None if mask is None else like_pred(mask, head(Rule.MASK_SHAPE))
+        return super().forward(pred, label, states, mask)
+
+
 def _write_pt2(b: Build, path: Path) -> None:
+    import copy
     b.loss.check_lambdas()  # λ become constants of the program
+    guarded = copy.copy(b.loss)  # the same parameters and names, the forward above
+    guarded.__class__ = _Guarded
     with quiet():
-        program = torch.export.export(b.loss, tuple(b.example), dynamic_shapes=dynamic_shapes(b.config, _names(b.example)))
+        program = torch.export.export(guarded, tuple(b.example),
+                                      dynamic_shapes=dynamic_shapes(b.config, _names(b.example), every_axis=True))
     # Saved with its example inputs, whose rates can outweigh the weights: a 2 x 2 slice keeps what loading
     # uses them for (the guards' messages name the inputs' axes).
     program.example_inputs = (tuple(t[:2, :2].clone() for t in b.example), {})
@@ -241,13 +290,15 @@ def _write_onnx(b: Build, path: Path) -> None:
     import onnx
     b.loss.check_lambdas()
     names = _names(b.example)
-    kwargs = {} if b.config["opset"] is None else {"opset_version": b.config["opset"]}
+    opset = b.config["opset"] or 17  # 17: the newest opset onnx2torch converts; written as 18, then rewritten
     with quiet():
         torch.onnx.export(b.loss, tuple(b.example), str(path), dynamo=True, input_names=list(names),
-                          output_names=list(OUTPUTS), dynamic_shapes=dynamic_shapes(b.config, names),
-                          external_data=False, **kwargs)
+                          output_names=list(OUTPUTS), dynamic_shapes=dynamic_shapes(b.config, names, False),
+                          external_data=False, opset_version=max(opset, 18))
     proto = onnx_checks.add_refusals(onnx.load(str(path)))
-    b.metadata["opset"] = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    if opset == 17:
+        onnx_checks.to_opset17(proto)
+    b.metadata["opset"] = opset
     proto.metadata_props.add(key=METADATA, value=b.metadata_text)
     onnx.checker.check_model(proto, full_check=True)
     onnx.save(proto, str(path))

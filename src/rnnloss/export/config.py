@@ -113,8 +113,8 @@ def _opset(key, v):
     if v is None:
         return None
     value = _positive_int(key, v)
-    if not 18 <= value <= 23:
-        raise ConfigError(key, f"expected null or an ONNX opset from 18 to 23, got {value}")
+    if not 17 <= value <= 23:
+        raise ConfigError(key, f"expected null (17) or an ONNX opset from 17 to 23, got {value}")
     return value
 
 
