@@ -215,10 +215,10 @@ def dynamic_shapes(config: Dict[str, Any], names: Sequence[str], every_axis: boo
     declared = input_shapes(config)
     dims: Dict[str, Any] = {}
     out = {}
-    for name in names:
+    for name in names:  # a last axis of size 1 (N_out or N_hid = 1) stays static: export fixes size-1 examples
         key = (lambda k: f"{name}_{k}") if every_axis else (lambda k: str(declared[name][k]))
-        out[name] = {k: dims.setdefault(key(k), Dim(key(k).replace("-", "_"), min=1))
-                     for k in range(3) if every_axis or isinstance(declared[name][k], str)}
+        out[name] = {k: dims.setdefault(key(k), Dim(key(k), min=1)) for k in range(3)
+                     if isinstance(declared[name][k], str) or (every_axis and declared[name][k] > 1)}
     return out
 
 

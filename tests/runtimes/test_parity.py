@@ -1,4 +1,4 @@
-"""The parity tolerances (rnnloss.parity): loose enough that no valid config fails from float32
+"""The parity tolerances (rnnloss.export.parity): loose enough that no valid config fails from float32
 noise, tight enough that a runtime with a formula or axis mistake fails."""
 import io
 import json
@@ -7,9 +7,19 @@ import math
 import pytest
 import torch
 
-from rnnloss import export, parity
-from rnnloss.config import validate
-from rnnloss.loss import FLOAT32_MAX
+from rnnloss.export import cli, parity
+from rnnloss.export.artifacts import build, sample_inputs
+from rnnloss.export.config import validate
+from rnnloss.rules import FLOAT32_MAX
+
+
+def inputs_for(eager, mask):
+    return lambda i, t, b: sample_inputs(eager, t, b, 100 + i, mask)
+
+
+def compare(row, eager, runtime, mask):
+    parity.compare_loss(row, eager, runtime, parity.trainable(eager), inputs_for(eager, mask),
+                        parity.fresh_shapes(6, 3))
 
 ALL_RATES = {"lambda_mse": 1, "lambda_in": 0.1, "lambda_hid": 0.1, "lambda_out": 0.1,
              "lambda_fr": 1, "lambda_fr_sd": 1, "lambda_fr_cv": 1}
@@ -48,7 +58,7 @@ MISTAKES = {
 
 @pytest.fixture(scope="module")
 def eager():
-    return export.build(validate({"model": {"dims": [3, 32, 2]}, "loss": ALL_RATES, "mask": True}))
+    return build(validate({"model": {"dims": [3, 32, 2]}, "loss": ALL_RATES, "mask": True}))
 
 
 @pytest.mark.parametrize("mistake", list(MISTAKES))
@@ -58,12 +68,11 @@ def test_a_runtime_with_a_formula_or_axis_mistake_fails_parity(eager, mistake):
         comps = MISTAKES[mistake](pred, label, states, mask, comps, eager.lambdas)
         return comps.sum(), comps
 
-    shapes = parity.fresh_shapes(6, 3)
     row = parity.Row("fake", "wrong " + mistake, "cpu")
-    parity._compare_loss(row, eager, wrong_runtime, parity.trainable(eager), shapes, "cpu", eager, mask=True)
+    compare(row, eager, wrong_runtime, mask=True)
     assert not row.passed and not row.error, (row.max_rel, row.worst)
     honest = parity.Row("fake", "eager itself", "cpu")
-    parity._compare_loss(honest, eager, lambda *xs: eager(*xs), parity.trainable(eager), shapes, "cpu", eager, True)
+    compare(honest, eager, lambda *xs: eager(*xs), mask=True)
     assert honest.passed and honest.worst == 0.0
 
 
@@ -97,7 +106,7 @@ ODD_CONFIGS = {
 @pytest.mark.parametrize("name", list(ODD_CONFIGS))
 def test_small_and_odd_configs_pass_their_own_parity(tmp_path, name):
     table = io.StringIO()
-    status = export.run(validate(ODD_CONFIGS[name]), tmp_path / "out", force=False, device="cpu", stream=table)
+    status = cli.run(validate(ODD_CONFIGS[name]), tmp_path / "out", force=False, device="cpu", stream=table)
     assert status == 0, table.getvalue()
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert ("mask" in manifest["inputs"]) == bool(ODD_CONFIGS[name].get("mask"))
@@ -137,7 +146,7 @@ def test_infinities_agree_only_with_the_same_infinity_and_nan_only_with_nan(case
 @pytest.fixture(scope="module")
 def eager_at_float32_max():
     lambdas = {**ALL_RATES, "lambda_mse": FLOAT32_MAX, "lambda_fr": FLOAT32_MAX}
-    return export.build(validate({"model": {"dims": [3, 32, 2]}, "loss": lambdas}))
+    return build(validate({"model": {"dims": [3, 32, 2]}, "loss": lambdas}))
 
 
 # Runtimes that disagree with eager only where float32 overflows.
@@ -154,11 +163,11 @@ OVERFLOW_MISTAKES = {
 def test_parity_at_float32_max_compares_infinities_and_passes_eager_itself(eager_at_float32_max):
     eager = eager_at_float32_max
     shapes = parity.fresh_shapes(6, 3)
-    overflowed = [torch.isinf(eager(*parity._inputs(eager, t, b, 100 + i, "cpu", False))[1][0]).item()
+    overflowed = [torch.isinf(eager(*sample_inputs(eager, t, b, 100 + i))[1][0]).item()
                   for i, (t, b) in enumerate(shapes)]
     assert any(overflowed) and not all(overflowed), overflowed  # both cases are compared below
     honest = parity.Row("fake", "eager itself", "cpu")
-    parity._compare_loss(honest, eager, lambda *xs: eager(*xs), parity.trainable(eager), shapes, "cpu", eager, False)
+    compare(honest, eager, lambda *xs: eager(*xs), mask=False)
     assert honest.passed and honest.worst == 0.0, (honest.error, honest.worst)
 
 
@@ -172,8 +181,7 @@ def test_a_runtime_that_overflows_differently_fails_parity(eager_at_float32_max,
         return comps.sum(), comps
 
     row = parity.Row("fake", "wrong " + mistake, "cpu")
-    parity._check([], row, lambda r: parity._compare_loss(r, eager, wrong_runtime, parity.trainable(eager),
-                                                          parity.fresh_shapes(6, 3), "cpu", eager, False))
+    parity.run_row(row, lambda r: compare(r, eager, wrong_runtime, mask=False))
     assert not row.passed, (row.max_rel, row.worst)
 
 
@@ -183,7 +191,7 @@ def test_a_lambda_at_float32s_largest_value_exports_and_verifies(tmp_path, capsy
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"loss": {f"lambda_{component}": FLOAT32_MAX}}))
     out = tmp_path / "out"
-    status = export.main(["--config", str(config), "--out", str(out), "--device", "cpu"])
+    status = cli.main(["--config", str(config), "--out", str(out), "--device", "cpu", "--quiet"])
     assert status == 0, capsys.readouterr()
     assert json.loads((out / "manifest.json").read_text())["lambdas"][component] == FLOAT32_MAX
-    assert export.main(["--verify", str(out), "--device", "cpu"]) == 0, capsys.readouterr()
+    assert cli.main(["--verify", str(out), "--device", "cpu", "--quiet"]) == 0, capsys.readouterr()

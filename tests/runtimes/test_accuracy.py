@@ -6,15 +6,15 @@ against float64 of the formulas on the same float32 inputs (tests/reference.py, 
   when the exact per-neuron means are rounded once to float32 — what any float32 result of σ
   must allow for near-constant rates (10 + randn: means 10 ± 0.007 at N_hid = 512).
 
-The model has N_out = N_hid so that pred, label and states all hold 10^7 elements (the graphs
-require states to share pred's time and batch sizes). One export per N_hid, sessions reused."""
+The model has N_out = N_hid so that pred, label and states all hold 10^7 elements. One export per N_hid,
+sessions reused."""
 import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
 
 from reference import float64_statistics
-from rnnloss import CTRNN, RNNLoss, export
+from runtime_exports import export_to
 
 SHAPES = {64: (625, 250, 64), 512: (1250, 16, 512)}  # (T, B, N): 1.0e7 and 1.02e7 elements
 RATES = {
@@ -27,21 +27,20 @@ RATES = {
 @pytest.fixture(scope="module", params=sorted(SHAPES), ids=lambda n: f"N_hid={n}")
 def graphs(request, tmp_path_factory):
     n = request.param
-    torch.manual_seed(0)
-    loss = RNNLoss(CTRNN((3, n, n)), lambda_mse=1.0, lambda_fr=1.0, lambda_fr_sd=1.0, lambda_fr_cv=1.0).eval()
     folder = tmp_path_factory.mktemp(f"accuracy{n}")
-    example = export.sample_inputs(loss, 5, 3, seed=0)
-    export.export_onnx(loss, example, folder / "l.onnx", opset=None)
-    export.export_pt2(loss, example, folder / "l.pt2")
-    session = ort.InferenceSession(str(folder / "l.onnx"), providers=["CPUExecutionProvider"])
-    program = torch.export.load(str(folder / "l.pt2")).module()
+    rates = {"lambda_mse": 1.0, "lambda_fr": 1.0, "lambda_fr_sd": 1.0, "lambda_fr_cv": 1.0}
+    export_to(folder, {"model": {"dims": [3, n, n]}, "loss": rates, "example": {"time": 5, "batch": 3}},
+              {"rnn_loss.onnx", "rnn_loss.pt2"})
+    session = ort.InferenceSession(str(folder / "rnn_loss.onnx"), providers=["CPUExecutionProvider"])
+    program = torch.export.load(str(folder / "rnn_loss.pt2")).module()
 
     def run_pt2(*xs):
         with torch.no_grad():
             return program(*xs)[1]
 
     def run_ort(*xs):
-        return torch.from_numpy(session.run(["components"], dict(zip(export.INPUT_NAMES, (x.numpy() for x in xs))))[0])
+        return torch.from_numpy(session.run(["components"], dict(zip(("pred", "label", "states"),
+                                                                     (x.numpy() for x in xs))))[0])
 
     return n, {"onnxruntime": run_ort, "pt2": run_pt2}
 
