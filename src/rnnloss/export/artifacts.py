@@ -23,7 +23,7 @@ from ..loss import RNNLoss
 from ..model import CTRNN
 from ..rules import COMPONENT_NAMES, LAMBDA_NAMES, Rule, head
 from ..trainer import CTRNNTrainer
-from . import onnx_checks
+from . import executorch, onnx_checks
 from .folder import GENERATOR
 from .native import NATIVE, from_torchscript, load_native, load_scripted, save_native
 from .parity import Row, compare_loss, fresh_shapes, gradient_rtol, run_row, sum_rtol, trainable
@@ -124,15 +124,18 @@ class Check:
 @contextlib.contextmanager
 def quiet():
     """The exporters print progress and warn about things that are fine here; keep the command's output clean."""
-    onnx_log = logging.getLogger("torch.onnx")
-    level = onnx_log.level
-    onnx_log.setLevel(logging.ERROR)
+    # e.g. "torchvision is not installed"; torchao's CUDA kernels on a CPU machine; a pytree deprecation
+    logs = [logging.getLogger(name) for name in ("torch.onnx", "torchao", "torch.utils._pytree")]
+    levels = [log.level for log in logs]
+    for log in logs:
+        log.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:
-        onnx_log.setLevel(level)
+        for log, level in zip(logs, levels):
+            log.setLevel(level)
 
 
 def write_bytes(save: Callable[[io.BytesIO], None], path: Path) -> None:
@@ -226,41 +229,74 @@ def _names(example: Sequence[torch.Tensor]) -> Tuple[str, ...]:
     return INPUTS + ("mask",) if len(example) == 4 else INPUTS
 
 
-class _Guarded(RNNLoss):
-    """The loss as the .pt2 holds it: its size checks are nodes of the graph. Every axis of every input is
-    its own dimension (:func:`dynamic_shapes`), so each check reads real sizes: one assertion node per axis
-    that must equal pred's, then the input copied into pred's sizes, so that nothing is computed from its
-    own. Input guards, which AOTInductor's default build drops, are not relied on."""
+def checked_like_pred(pred, label, states, mask, n_out: int, n_hid: int, check):
+    """The size rules as graph nodes, for exported programs whose inputs each have every axis as a dimension of
+    their own: ``check(ok, message)`` for pred's last axis, emptiness, states' last axis and each axis of label
+    and mask against pred's; returns label and mask copied into pred's sizes (an indexed copy, pred-sized:
+    any layout, and a bounds check of its own), so that nothing is computed from their own sizes."""
+    def like_pred(x, message):
+        for k in range(pred.dim()):
+            check(torch.scalar_tensor(x.size(k)) == torch.scalar_tensor(pred.size(k)), message)
+        return x.reshape(-1)[torch.arange(pred.numel(), device=x.device)].view(pred.shape)
 
-    def forward(self, pred, label, states=None, mask=None):
-        def check(ok, message: str) -> None:
+    check(torch.scalar_tensor(pred.size(-1)) == n_out, head(Rule.GRAPH_SHAPE, "pred", f"[time, batch, {n_out}]"))
+    for name, t in (("pred", pred), ("states", states)):
+        if t is not None:
+            check(torch.scalar_tensor(t.numel()) > 0, head(Rule.EMPTY, name))
+    if states is not None:
+        check(torch.scalar_tensor(states.size(-1)) == n_hid, head(Rule.STATES_LAST_DIM, n_hid))
+    return like_pred(label, head(Rule.LABEL_SHAPE)), None if mask is None else like_pred(mask, head(Rule.MASK_SHAPE))
+
+
+class Refusals:
+    """How an exported program refuses: an assertion node (``torch._assert_async``, which torch.export and
+    AOTInductor keep), or — where a lowering drops assertions (ExecuTorch) — an index into a 1-element tensor
+    that is out of range when the rule fails, whose 1.0 multiplies the outputs, so the kernel's bounds check
+    stops the program."""
+
+    def __init__(self, by_index: bool) -> None:
+        self.by_index, self.ones = by_index, []
+
+    def __call__(self, ok, message: str) -> None:
+        if self.by_index:
+            self.ones.append(torch.ones(1, device=ok.device)[torch.where(ok, 0, 1).reshape(1)])
+        else:
             torch._assert_async(ok, message)
 
-        def like_pred(x: torch.Tensor, message: str) -> torch.Tensor:
-            for k in range(pred.dim()):
-                check(torch.scalar_tensor(x.size(k)) == torch.scalar_tensor(pred.size(k)), message)
-            # an indexed copy (pred-sized, not rates-sized): any layout, and a bounds check of its own
-            return x.reshape(-1)[torch.arange(pred.numel(), device=x.device)].view(pred.shape)
+    def applied(self, *outputs):
+        if not self.ones:
+            return outputs
+        one = torch.cat(self.ones).prod()
+        return tuple(t * one for t in outputs)
 
-        check(torch.scalar_tensor(pred.size(-1)) == self.model.n_out,
-              head(Rule.GRAPH_SHAPE, "pred", f"[time, batch, {self.model.n_out}]"))
-        for name, t in (("pred", pred), ("states", states)):
-            if t is not None:
-                check(torch.scalar_tensor(t.numel()) > 0, head(Rule.EMPTY, name))
-        if states is not None:
-            check(torch.scalar_tensor(states.size(-1)) == self.n_hid, head(Rule.STATES_LAST_DIM, self.n_hid))
-        label = like_pred(label, head(Rule.LABEL_SHAPE))
-        mask = None if mask is None else like_pred(mask, head(Rule.MASK_SHAPE))
-        return super().forward(pred, label, states, mask)
+
+class Guarded(RNNLoss):
+    """The loss as the .pt2 and rnn_loss.pte hold it: its size checks are nodes of the graph
+    (:func:`checked_like_pred`); input guards, which AOTInductor's default build drops and the ExecuTorch
+    runtime does not check, are not relied on. ``by_index``: see :class:`Refusals`."""
+    by_index = False
+
+    def forward(self, pred, label, states=None, mask=None):
+        check = Refusals(self.by_index)
+        label, mask = checked_like_pred(pred, label, states, mask, self.model.n_out, self.n_hid, check)
+        if mask is not None and self.by_index:  # forward's own device-side assertion is an assertion node
+            check(((mask >= 0) & torch.isfinite(mask)).all(), head(Rule.MASK_WEIGHTS))
+        return check.applied(*super().forward(pred, label, states, mask))
+
+
+def guarded(loss: RNNLoss, by_index: bool = False) -> Guarded:
+    """``loss`` with :class:`Guarded`'s forward: a shallow copy, so the same parameters under the same names."""
+    import copy
+    out = copy.copy(loss)
+    out.__class__ = Guarded
+    out.by_index = by_index
+    return out
 
 
 def _write_pt2(b: Build, path: Path) -> None:
-    import copy
     b.loss.check_lambdas()  # λ become constants of the program
-    guarded = copy.copy(b.loss)  # the same parameters and names, the forward above
-    guarded.__class__ = _Guarded
     with quiet():
-        program = torch.export.export(guarded, tuple(b.example),
+        program = torch.export.export(guarded(b.loss), tuple(b.example),
                                       dynamic_shapes=dynamic_shapes(b.config, _names(b.example), every_axis=True))
     # Saved with its example inputs, whose rates can outweigh the weights: a 2 x 2 slice keeps what loading
     # uses them for (the guards' messages name the inputs' axes).
@@ -369,6 +405,7 @@ class Artifact:
     metadata: Callable[[Path], Dict[str, Any]]
     contents: Callable[[Path], Tuple[Optional[RNNLoss], Dict[str, torch.Tensor]]]
     needs: Tuple[str, ...] = ()  # optional modules it needs to be written and checked
+    devices: Tuple[str, ...] = ("cpu", "cuda")  # where its parity runs (of those the export checks)
 
 
 # The ONNX graph first: writing it settles the opset, which every artifact's description then records.
@@ -379,6 +416,12 @@ REGISTRY: Tuple[Artifact, ...] = (
     Artifact("ctrnn_train.pt", _write_scripted(CTRNNTrainer), _check_train_pt, _zip_metadata, _scripted_state),
     Artifact("rnn_loss.pt2", _write_pt2, _check_pt2, _zip_metadata, _pt2_state),
     Artifact(NATIVE, _write_native, _check_native, _native_metadata, _native_state),
+    Artifact("ctrnn.pte", executorch.write_model, executorch.check_model, executorch.metadata, executorch.contents,
+             needs=("executorch",), devices=("cpu",)),
+    Artifact("rnn_loss.pte", executorch.write_loss, executorch.check_loss, executorch.metadata, executorch.contents,
+             needs=("executorch",), devices=("cpu",)),
+    Artifact("ctrnn_train.pte", executorch.write_train, executorch.check_train, executorch.metadata,
+             executorch.contents, needs=("executorch",), devices=("cpu",)),
 )
 
 
@@ -388,7 +431,7 @@ def check_all(folder: Path, config: Dict[str, Any], devices: Sequence[str], arti
     check = Check(folder, build(config), config)
     rows: List[Row] = []
     for artifact in artifacts:
-        for device in devices:
+        for device in [d for d in devices if d in artifact.devices]:
             if artifact.name.endswith(".onnx") and device != "cpu" and not _ort_has_cuda():
                 continue
             row = artifact.check(check, device)

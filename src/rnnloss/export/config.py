@@ -125,6 +125,8 @@ SCHEMA = {
               "init_state": _init_state, "learn_alpha": _bool},
     "loss": {name: (lambda k, v: _number(k, v, minimum=0)) for name in LAMBDA_NAMES},
     "example": {"time": _example_size, "batch": _example_size},
+    # ExecuTorch programs: the model's fixed number of time steps (the loss's largest), every program's largest batch
+    "executorch": {"time": _example_size, "max_batch": _example_size},
     "seed": _seed,
     "opset": _opset,
     "mask": _bool,  # the loss graphs take a fourth input, mask, shaped like pred

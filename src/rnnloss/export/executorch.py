@@ -1,0 +1,245 @@
+"""The ExecuTorch programs: ``ctrnn.pte`` (the model's forward), ``rnn_loss.pte`` (the loss's forward) and
+``ctrnn_train.pte`` (the joint forward-backward graph that ExecuTorch's training module runs).
+
+Shapes. The model's time loop unrolls under torch.export, so ``ctrnn.pte`` and ``ctrnn_train.pte`` take
+exactly ``executorch.time`` steps (the config; a wrong length, width or dtype stops the runtime's kernels
+with an error). ``torch.export``'s ``scan`` would give a dynamic time axis, but ExecuTorch 1.5 runs it only
+with a static batch, and it was no faster; a fixed length per program keeps one program for every batch.
+The batch is dynamic up to ``executorch.max_batch``; ``rnn_loss.pte`` takes any time up to
+``executorch.time``. The ExecuTorch runtime checks neither static axes nor which inputs must share a size,
+and its lowering drops assertion nodes, so the size rules are nodes that index out of range when a rule
+fails (:class:`~rnnloss.export.artifacts.Refusals`): a bad input ends in an error (``0x12``, the kernel's
+message on stderr), never a number. Every program also answers ``rnnloss_json`` (the export's description),
+``time_steps`` and ``max_batch`` as constant methods. Programs run the portable kernels (XNNPACK brought no
+gain for these small matrix products).
+"""
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .parity import Row, compare_loss, gradient_rtol, run_row, sum_rtol
+
+TRAIN_STEPS, TRAIN_LR = 100, 0.05  # the SGD trajectory ctrnn_train.pte is checked on
+
+
+def _lower(program, path: Path, b, edge=False) -> None:
+    from executorch.exir import to_edge, to_edge_transform_and_lower
+    constants = {"rnnloss_json": b.metadata_text, "time_steps": b.config["executorch"]["time"],
+                 "max_batch": b.config["executorch"]["max_batch"]}
+    lowered = to_edge(program, constant_methods=constants) if edge else \
+        to_edge_transform_and_lower(program, constant_methods=constants)
+    with open(path, "wb") as f:
+        f.write(lowered.to_executorch().buffer)
+
+
+def _batch_axis(config) -> int:
+    return 0 if config["model"]["batch_first"] else 1
+
+
+def _batch_dim(config):
+    from torch.export import Dim
+    return Dim("batch", min=1, max=config["executorch"]["max_batch"])
+
+
+def _model_inputs(config, batch: int, seed: int, n_out: Optional[int] = None, mask: bool = False):
+    g = torch.Generator().manual_seed(seed)
+    n_in, _, outputs = config["model"]["dims"]
+    lead = [config["executorch"]["time"]] * 2
+    lead[_batch_axis(config)] = batch
+    x = torch.randn(*lead, n_in, generator=g)
+    target = torch.randn(*lead, outputs, generator=g)
+    return (x, target, torch.rand(*lead, outputs, generator=g)) if mask else (x, target)
+
+
+def write_model(b, path: Path) -> None:
+    from .artifacts import quiet
+    with quiet():
+        program = torch.export.export(b.loss.model.eval(), _model_inputs(b.config, 2, 0)[:1],
+                                      dynamic_shapes={"x": {_batch_axis(b.config): _batch_dim(b.config)}})
+        _lower(program, path, b)
+
+
+def write_loss(b, path: Path) -> None:
+    from torch.export import Dim
+
+    from .artifacts import _names, guarded, quiet
+    ex = b.config["executorch"]
+    n = {"pred": b.loss.model.n_out, "label": b.loss.model.n_out, "mask": b.loss.model.n_out,
+         "states": b.loss.n_hid}
+    first, second = (1, 0) if b.config["model"]["batch_first"] else (0, 1)
+    example = [t[:2, :2].clone() for t in b.example]
+    shapes = {name: {first: Dim(f"{name}_time", min=1, max=ex["time"]),
+                     second: Dim(f"{name}_batch", min=1, max=ex["max_batch"]),
+                     **({2: Dim(f"{name}_n", min=1, max=n[name])} if n[name] > 1 else {})}
+              for name in _names(example)}
+    b.loss.check_lambdas()
+    with quiet():
+        _lower(torch.export.export(guarded(b.loss, by_index=True), tuple(example), dynamic_shapes=shapes), path, b)
+
+
+class TrainStep(nn.Module):
+    """``forward(x, target[, mask]) -> (total, components)`` of the model and its loss, the loss first (the
+    joint graph differentiates output 0); target and mask get their own sizes, checked as graph nodes."""
+
+    def __init__(self, loss) -> None:
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, x, target, mask=None):
+        from .artifacts import Refusals, checked_like_pred
+        output, states = self.loss.model(x)
+        check = Refusals(by_index=True)
+        target, mask = checked_like_pred(output, target, None, mask, self.loss.model.n_out, self.loss.n_hid, check)
+        if mask is not None:
+            check(((mask >= 0) & torch.isfinite(mask)).all(), "")
+        total, components = check.applied(*self.loss(output, target, states, mask))
+        return total, components.detach()
+
+
+def write_train(b, path: Path) -> None:
+    import copy
+
+    from torch.export import Dim
+    from torch.export.experimental import _export_forward_backward
+
+    from .artifacts import quiet
+    loss = copy.deepcopy(b.loss)  # in eval mode: the program draws no noise (documented)
+    inputs = _model_inputs(b.config, 2, 0, mask=b.config["mask"])
+    axis = _batch_axis(b.config)
+    shapes = {"x": {axis: _batch_dim(b.config)}}
+    for name in ("target", "mask")[:len(inputs) - 1]:
+        shapes[name] = {axis: Dim(f"{name}_batch", min=1, max=b.config["executorch"]["max_batch"])}
+    with quiet():
+        program = torch.export.export(TrainStep(loss), inputs, dynamic_shapes=shapes, strict=False)
+        _lower(_export_forward_backward(program), path, b, edge=True)
+
+
+@contextlib.contextmanager
+def _runtime_quiet():
+    """The runtime's C++ start-up logs its CPU probing to stderr (file descriptor 2) on first use."""
+    from .artifacts import quiet
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null, quiet():
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _method(path: Path, name: str = "forward"):
+    """``run(inputs)`` of a program's method; the runtime's start-up logs (on first use) go nowhere."""
+    with _runtime_quiet():
+        from executorch.runtime import Runtime
+        method = Runtime.get().load_program(str(path)).load_method(name)
+
+    def run(inputs):
+        with _runtime_quiet():
+            return method.execute(list(inputs))
+    return run
+
+
+def _training_module(path: Path):
+    with _runtime_quiet():
+        from executorch.extension.training import _load_for_executorch_for_training
+        return _load_for_executorch_for_training(str(path))
+
+
+def metadata(path: Path) -> Dict:
+    return json.loads(_method(path, "rnnloss_json")([])[0])
+
+
+def _batches(c) -> List[int]:
+    top = c.config["executorch"]["max_batch"]
+    return sorted({1, min(5, top), top})
+
+
+def check_model(c, device: str) -> Row:
+    def body(row: Row) -> None:
+        method = _method(c.folder / "ctrnn.pte")
+        for i, batch in enumerate(_batches(c)):
+            (x,) = _model_inputs(c.config, batch, 500 + i)[:1]
+            with torch.no_grad():
+                ref = c.eager.model(x)
+            got = method([x])
+            n = ref[1].numel()
+            for a, r in zip(got, ref):  # sums of N_in + N_hid terms per step
+                row.compare_gradient(a, r, sum_rtol(n))
+        row.checked = f"batches {_batches(c)} x {c.config['executorch']['time']} steps, output and states"
+    return run_row(Row("ctrnn.pte", "executorch", device), body)
+
+
+def check_loss(c, device: str) -> Row:
+    def body(row: Row) -> None:
+        method = _method(c.folder / "rnn_loss.pte")
+        ex = c.config["executorch"]
+        shapes = sorted({(1, 1), (ex["time"], 1), (1, ex["max_batch"]), (ex["time"], ex["max_batch"]),
+                         (max(1, ex["time"] // 2), min(5, ex["max_batch"]))})
+        compare_loss(row, c.eager, lambda *xs: method(xs), None, c.loss_inputs(600), shapes)
+    return run_row(Row("rnn_loss.pte", "executorch", device), body)
+
+
+def check_train(c, device: str) -> Row:
+    """Gradients of every learned parameter against eager autograd at several batch sizes (normwise, the
+    parity's gradient allowance), then TRAIN_STEPS of SGD from the same weights on one batch in ExecuTorch and
+    eagerly: the losses of the trajectory and the final weights, each allowed the one-step allowance times
+    the number of steps (errors may add up step by step; none is assumed to shrink)."""
+    def body(row: Row) -> None:
+        import copy
+
+        from executorch.extension.training import get_sgd_optimizer
+        module = _training_module(c.folder / "ctrnn_train.pte")
+        eager = TrainStep(copy.deepcopy(c.eager))
+        params = {n: p for n, p in eager.named_parameters() if p.requires_grad}
+        def allowance(inputs) -> float:
+            with torch.no_grad():
+                states = c.eager.model(inputs[0])[1]
+            return gradient_rtol(c.eager.active, states, states.numel())
+
+        for i, batch in enumerate(_batches(c)):
+            inputs = _model_inputs(c.config, batch, 700 + i, mask=c.config["mask"])
+            with _runtime_quiet():
+                module.forward_backward("forward", list(inputs))
+            grads = torch.autograd.grad(eager(*inputs)[0], list(params.values()))
+            got = module.named_gradients()
+            for name, g in zip(params, grads):
+                row.compare_gradient(got[name], g, allowance(inputs))
+        inputs = _model_inputs(c.config, _batches(c)[1], 800, mask=c.config["mask"])
+        weights = module.named_parameters()
+        for name, p in params.items():  # back to the exported weights (the calls above changed nothing)
+            weights[name].copy_(p.detach())
+        sgd, reference = get_sgd_optimizer(weights, TRAIN_LR, 0, 0, 0, False), torch.optim.SGD(params.values(), TRAIN_LR)
+        steps_allowed = TRAIN_STEPS * allowance(inputs)
+        for _ in range(TRAIN_STEPS):
+            with _runtime_quiet():
+                total, _ = module.forward_backward("forward", list(inputs))
+            sgd.step(module.named_gradients())
+            reference.zero_grad()
+            ref_total = eager(*inputs)[0]
+            ref_total.backward()
+            reference.step()
+            row.compare_gradient(total, ref_total.detach(), steps_allowed)
+        for name, p in params.items():
+            row.compare_gradient(weights[name], p.detach(), steps_allowed)
+        row.checked = f"gradients at batches {_batches(c)}; {TRAIN_STEPS} SGD steps (lr {TRAIN_LR}): losses, weights"
+    return run_row(Row("ctrnn_train.pte", "executorch training", device), body)
+
+
+def contents(path: Path) -> Tuple[None, Dict[str, torch.Tensor]]:
+    """The parameters a training program holds (named as in eager's state_dict); the other programs hold
+    their weights as constants, which their parity rows check."""
+    if path.name != "ctrnn_train.pte":
+        return None, {}
+    module = _training_module(path)
+    config = metadata(path)["config"]
+    with _runtime_quiet():  # a first call, after which it lists them
+        module.forward_backward("forward", list(_model_inputs(config, 1, 0, mask=config["mask"])))
+    return None, {k.removeprefix("loss."): v for k, v in module.named_parameters().items()}
