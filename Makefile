@@ -8,7 +8,7 @@ OUT ?= artifacts
 PYTEST_ARGS ?=
 PIP_FLAGS := --quiet --disable-pip-version-check
 
-BUILD ?= build
+CPP_BUILD ?= cpp/build
 STEPS ?= 300
 
 .PHONY: all venv test test-latest export cpp bench gpu-check example clean
@@ -65,16 +65,18 @@ $(OUT)/rnnloss_native.pt: | $(STAMP)
 	$(PY) export/export.py --out $(OUT) --force
 
 ## Build the C++ library and programs against the installed torch's libtorch and train on the CPU
-## (native engine; ENGINE=torchscript for the TorchScript one).
+## (native engine; ENGINE=torchscript for the TorchScript one). The build folder is cpp/build (the
+## tests build there too; build/ is setuptools'); a new one uses Ninja when it is installed.
 ENGINE ?= native
+CPP_GENERATOR := $(if $(wildcard $(CPP_BUILD)/CMakeCache.txt),,$(if $(shell command -v ninja),-G Ninja))
 cpp: $(STAMP) $(OUT)/rnnloss_native.pt
-	@echo "== configuring and building cpp/ into $(BUILD) against the libtorch inside $(VENV)'s torch (a few minutes the first time)"
-	cmake -S cpp -B $(BUILD) -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')"
-	cmake --build $(BUILD) -j2
-	$(BUILD)/train_ctrnn $(OUT) --engine $(ENGINE) --steps $(STEPS) --device cpu --out $(BUILD)/ctrnn_trained_$(ENGINE).pt
+	@echo "== configuring and building cpp/ into $(CPP_BUILD) against the libtorch inside $(VENV)'s torch (a minute or two the first time)"
+	cmake -S cpp -B $(CPP_BUILD) $(CPP_GENERATOR) -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')"
+	cmake --build $(CPP_BUILD) -j2 --target train_ctrnn eval_loss
+	$(CPP_BUILD)/train_ctrnn $(OUT) --engine $(ENGINE) --steps $(STEPS) --device cpu --out $(CPP_BUILD)/ctrnn_trained_$(ENGINE).pt
 
 clean:
-	rm -rf build $(OUT) .pytest_cache examples/out
+	rm -rf build $(CPP_BUILD) $(OUT) .pytest_cache examples/out
 
 ## The neurogym example in its own venv (neurogym pins numpy 2.2). The figure goes to
 ## EXAMPLE_OUT, which git ignores; `make example EXAMPLE_OUT=docs/neurogym_task.png` refreshes the

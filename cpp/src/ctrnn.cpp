@@ -2,24 +2,21 @@
 
 #include "checks.h"
 
-#include <c10/util/Exception.h>
-#include <torch/nn/functional/activation.h>
-#include <torch/torch.h>
+#include <torch/types.h>
 
 #include <algorithm>
 #include <cmath>
+#include <utility>
 
 namespace rnnloss {
 
 using detail::kLayers;
-using detail::py_float;
-using detail::py_str_list;
-using detail::shape_of;
 
 namespace {
 
 const std::vector<std::string> kActivations = {"relu", "tanh", "sigmoid", "softplus", "retanh"};
 const std::vector<std::string> kWeightInits = {"uniform", "normal", "zero"};
+// Python's True, "uniform", "normal", "zero", None and False.
 const std::vector<std::string> kBiasInits = {"uniform", "normal", "zero", "fixed", "absent"};
 const std::vector<std::string> kInitStates = {"zero", "learn"};
 constexpr double kAlphaMin = 1e-3;  // learnable α is kept in [kAlphaMin, 1] by enforce_constraints()
@@ -28,12 +25,16 @@ bool one_of(const std::string& value, const std::vector<std::string>& allowed) {
   return std::find(allowed.begin(), allowed.end(), value) != allowed.end();
 }
 
-void check_per_layer(const std::vector<std::string>& specs, const char* name, const std::vector<std::string>& allowed) {
-  TORCH_CHECK_TYPE(specs.size() == 3, name, " must be a sequence of three (input, hidden, readout), got ",
-                   specs.size(), " values");
+// Python's _per_layer_spec and the per-layer choice checks. C++ takes no tensors here, so the
+// choices are the strings alone.
+void check_per_layer(const std::vector<std::string>& specs, const char* name) {
+  RNNLOSS_CHECK(specs.size() == 3, rules::kPerLayer, name, detail::py_str_list(specs));
+}
+void check_layer_choices(const std::vector<std::string>& specs, const char* name,
+                         const std::vector<std::string>& allowed) {
   for (int i = 0; i < 3; ++i)
-    TORCH_CHECK_VALUE(one_of(specs[i], allowed), name, " for the ", kLayers[i], " layer must be one of ",
-                      py_str_list(allowed), ", got '", specs[i], "'");
+    RNNLOSS_CHECK(one_of(specs[i], allowed), rules::kLayerChoice, name, kLayers[i], detail::py_str_list(allowed),
+                  detail::py_str(specs[i]));
 }
 
 // Python's _masks: three optional masks checked against the weights' shapes.
@@ -50,12 +51,11 @@ std::vector<torch::Tensor> checked_masks(const std::vector<torch::Tensor>& masks
     if (mask.scalar_type() == torch::kBool) mask = mask.to(torch::kFloat32);
     int64_t fan_in = weight.size(1);
     if (allow_vector && mask.dim() == 1 && mask.numel() == fan_in) mask = mask.reshape({1, -1}).expand(weight.sizes());
-    std::string expected = shape_of(weight) + (allow_vector ? " or [" + std::to_string(fan_in) + "]" : "");
-    TORCH_CHECK_VALUE(mask.sizes() == weight.sizes(), name, " for the ", kLayers[i], " layer must have shape ",
-                      expected, ", got ", shape_of(mask));
-    TORCH_CHECK_VALUE(torch::isfinite(mask.to(torch::kFloat64)).all().item<bool>(), name, " for the ", kLayers[i],
-                      " layer must be finite");
-    out[i] = mask.to(weight.scalar_type()).contiguous().clone();
+    RNNLOSS_CHECK(mask.sizes() == weight.sizes(), rules::kLayerShape, name, kLayers[i],
+                  detail::int_list(weight.sizes()) + (allow_vector ? " or [" + std::to_string(fan_in) + "]" : ""),
+                  mask.sizes());
+    RNNLOSS_CHECK(torch::isfinite(mask.to(torch::kFloat64)).all().item<bool>(), rules::kLayerFinite, name, kLayers[i]);
+    out[i] = mask.to(weight.scalar_type()).contiguous();
   }
   return out;
 }
@@ -75,8 +75,8 @@ void init_linear(torch::nn::Linear& lin, const std::string& weight, const std::s
 // |w|·sign on constrained entries, then balance the summed E and I weight (in place).
 void dale_init(torch::Tensor& weight, const torch::Tensor& sign) {
   weight.copy_(torch::where(sign != 0, weight.abs() * sign, weight));
-  auto exc = weight.index({sign > 0}).sum();
-  auto inh = -weight.index({sign < 0}).sum();
+  auto exc = weight.masked_select(sign > 0).sum();
+  auto inh = -weight.masked_select(sign < 0).sum();
   if (exc.item<double>() > 0 && inh.item<double>() > 0) {
     if (exc.item<double>() > inh.item<double>())
       weight.copy_(torch::where(sign > 0, weight * (inh / exc), weight));
@@ -97,34 +97,57 @@ void project(torch::Tensor& weight, const torch::Tensor& sparsity, const torch::
 
 }  // namespace
 
+// ---- RecurrentLayer ----
+
 RecurrentLayerImpl::RecurrentLayerImpl(int64_t n_in, int64_t n_hid, bool bias_in, bool bias_hid, bool learn_init,
-                                       double alpha_value, bool learn_alpha) {
-  input_layer = register_module("input_layer", torch::nn::Linear(torch::nn::LinearOptions(n_in, n_hid).bias(bias_in)));
-  hidden_layer =
-      register_module("hidden_layer", torch::nn::Linear(torch::nn::LinearOptions(n_hid, n_hid).bias(bias_hid)));
-  hidden_state = register_parameter("hidden_state", torch::zeros({n_hid}), /*requires_grad=*/learn_init);
-  if (learn_alpha) alpha = register_parameter("alpha", torch::full({n_hid}, alpha_value));
+                                       double alpha_value, bool learn_alpha)
+    : n_in_(n_in),
+      n_hid_(n_hid),
+      bias_in_(bias_in),
+      bias_hid_(bias_hid),
+      learn_init_(learn_init),
+      alpha_(alpha_value),
+      learn_alpha_(learn_alpha) {
+  reset();
 }
 
-CTRNNImpl::CTRNNImpl(const CTRNNOptions& options) : options_(options) {
+void RecurrentLayerImpl::reset() {
+  input_layer =
+      register_module("input_layer", torch::nn::Linear(torch::nn::LinearOptions(n_in_, n_hid_).bias(bias_in_)));
+  hidden_layer =
+      register_module("hidden_layer", torch::nn::Linear(torch::nn::LinearOptions(n_hid_, n_hid_).bias(bias_hid_)));
+  hidden_state = register_parameter("hidden_state", torch::zeros({n_hid_}), /*requires_grad=*/learn_init_);
+  alpha = learn_alpha_ ? register_parameter("alpha", torch::full({n_hid_}, alpha_)) : torch::Tensor();
+}
+
+void RecurrentLayerImpl::pretty_print(std::ostream& stream) const { stream << "rnnloss::RecurrentLayer"; }
+
+// ---- CTRNN ----
+
+CTRNNImpl::CTRNNImpl(const CTRNNOptions& options) : options_(options) { reset(); }
+
+void CTRNNImpl::reset() {
   const auto& o = options_;
-  TORCH_CHECK_VALUE(o.n_in() > 0 && o.n_hid() > 0 && o.n_out() > 0,
-                    "dims must be a sequence (N_in, N_hid, N_out) of three positive ints, got (", o.n_in(), ", ",
-                    o.n_hid(), ", ", o.n_out(), ")");
-  for (auto [name, value] : {std::pair<const char*, double>{"tau", o.tau()}, {"dt", o.dt()}})
-    TORCH_CHECK_VALUE(std::isfinite(value) && value > 0, name, " must be a finite number > 0, got ", py_float(value));
-  TORCH_CHECK_VALUE(o.dt() <= o.tau(), "dt must not exceed tau (alpha = dt / tau must be <= 1), got dt=",
-                    py_float(o.dt()), ", tau=", py_float(o.tau()));
-  TORCH_CHECK_VALUE(one_of(o.activation(), kActivations), "activation must be one of ", py_str_list(kActivations),
-                    ", got '", o.activation(), "'");
-  for (auto [name, value] :
-       {std::pair<const char*, double>{"preact_noise", o.preact_noise()}, {"postact_noise", o.postact_noise()}})
-    TORCH_CHECK_VALUE(std::isfinite(value) && value >= 0, name, " must be a finite number >= 0, got ",
-                      py_float(value));
-  TORCH_CHECK_VALUE(one_of(o.init_state(), kInitStates), "init_state must be one of ", py_str_list(kInitStates),
-                    ", got '", o.init_state(), "'");
-  check_per_layer(o.biases(), "biases", kBiasInits);
-  check_per_layer(o.weights(), "weights", kWeightInits);
+  // The checks in the order of Python's constructor, with its messages.
+  RNNLOSS_CHECK(o.n_in() > 0 && o.n_hid() > 0 && o.n_out() > 0, rules::kDims,
+                "(" + std::to_string(o.n_in()) + ", " + std::to_string(o.n_hid()) + ", " +
+                    std::to_string(o.n_out()) + ")");
+  const std::pair<const char*, double> positive[] = {{"tau", o.tau()}, {"dt", o.dt()}};
+  for (const auto& [name, value] : positive)
+    RNNLOSS_CHECK(std::isfinite(value) && value > 0, rules::kPositive, name, value);
+  const std::pair<const char*, double> non_negative[] = {{"preact_noise", o.preact_noise()},
+                                                         {"postact_noise", o.postact_noise()}};
+  for (const auto& [name, value] : non_negative)
+    RNNLOSS_CHECK(std::isfinite(value) && value >= 0, rules::kNonNegative, name, value);
+  RNNLOSS_CHECK(o.dt() <= o.tau(), rules::kDtAboveTau, o.dt(), o.tau());
+  RNNLOSS_CHECK(one_of(o.activation(), kActivations), rules::kChoice, "activation", detail::py_str_list(kActivations),
+                detail::py_str(o.activation()));
+  RNNLOSS_CHECK(one_of(o.init_state(), kInitStates), rules::kChoice, "init_state", detail::py_str_list(kInitStates),
+                detail::py_str(o.init_state()));
+  check_per_layer(o.biases(), "biases");
+  check_per_layer(o.weights(), "weights");
+  check_layer_choices(o.biases(), "biases", kBiasInits);
+  check_layer_choices(o.weights(), "weights", kWeightInits);
 
   alpha_ = o.dt() / o.tau();
   const auto& b = o.biases();
@@ -143,27 +166,55 @@ CTRNNImpl::CTRNNImpl(const CTRNNOptions& options) : options_(options) {
   auto signs = checked_masks(o.ei_masks(), "ei_masks", linears, true);
   auto plasticity = checked_masks(o.plasticity_masks(), "plasticity_masks", linears, false);
   for (int i = 0; i < 3; ++i) {
-    if (signs[i].defined())
-      TORCH_CHECK_VALUE(((signs[i] == 1) | (signs[i] == -1) | (signs[i] == 0)).all().item<bool>(), "ei_masks for the ",
-                        kLayers[i], " layer must hold only +1, -1 and 0");
-  }
-  for (int i = 0; i < 3; ++i) {
-    if (plasticity[i].defined())
-      TORCH_CHECK_VALUE((plasticity[i] >= 0).all().item<bool>(), "plasticity_masks for the ", kLayers[i],
-                        " layer must be >= 0 (gradient scales)");
+    RNNLOSS_CHECK(!signs[i].defined() || ((signs[i] == 1) | (signs[i] == -1) | (signs[i] == 0)).all().item<bool>(),
+                  rules::kEiValues, kLayers[i]);
+    RNNLOSS_CHECK(!plasticity[i].defined() || (plasticity[i] >= 0).all().item<bool>(), rules::kPlasticityValues,
+                  kLayers[i]);
   }
   for (int i = 0; i < 3; ++i) {
     std::string layer = kLayers[i];
-    if (sparsity[i].defined()) sparsity_[i] = register_buffer("sparsity_" + layer, sparsity[i]);
-    if (signs[i].defined()) sign_[i] = register_buffer("sign_" + layer, signs[i]);
-    if (plasticity[i].defined()) plasticity_[i] = register_buffer("plasticity_" + layer, plasticity[i]);
+    sparsity_[i] = sparsity[i].defined() ? register_buffer("sparsity_" + layer, sparsity[i].clone()) : torch::Tensor();
+    sign_[i] = signs[i].defined() ? register_buffer("sign_" + layer, signs[i].clone()) : torch::Tensor();
+    plasticity_[i] =
+        plasticity[i].defined() ? register_buffer("plasticity_" + layer, plasticity[i].clone()) : torch::Tensor();
   }
   {
     torch::NoGradGuard no_grad;
     for (int i = 0; i < 3; ++i)
-      if (signs[i].defined()) dale_init(linears[i]->weight, signs[i]);
+      if (sign_[i].defined()) dale_init(linears[i]->weight, sign_[i]);
   }
   enforce_constraints();
+}
+
+std::shared_ptr<torch::nn::Module> CTRNNImpl::clone(const std::optional<torch::Device>& device) const {
+  auto copy = torch::nn::Cloneable<CTRNNImpl>::clone(device);
+  // libtorch's clone registers every parameter anew (requires_grad true, as nn::Linear's reset
+  // does) and copies only the values: carry the flags over too (the "fixed" biases, frozen weights).
+  auto theirs = copy->named_parameters();
+  for (const auto& p : named_parameters()) theirs[p.key()].requires_grad_(p.value().requires_grad());
+  return copy;
+}
+
+void CTRNNImpl::pretty_print(std::ostream& stream) const {
+  const auto& o = options_;
+  stream << "rnnloss::CTRNN(dims=(" << o.n_in() << ", " << o.n_hid() << ", " << o.n_out()
+         << "), tau=" << detail::py_float(o.tau()) << ", dt=" << detail::py_float(o.dt())
+         << ", activation=" << detail::py_str(o.activation())
+         << ", layout=" << (o.batch_first() ? "(B, T, N)" : "(T, B, N)");
+  if (o.preact_noise() != 0.0) stream << ", preact_noise=" << detail::py_float(o.preact_noise());
+  if (o.postact_noise() != 0.0) stream << ", postact_noise=" << detail::py_float(o.postact_noise());
+  if (o.init_state() == "learn") stream << ", init_state='learn'";
+  if (o.learn_alpha()) stream << ", learn_alpha=True";
+  std::string masks;
+  const std::pair<const char*, const torch::Tensor*> kinds[] = {
+      {"sparsity", sparsity_}, {"sign", sign_}, {"plasticity", plasticity_}};
+  for (const auto& [kind, tensors] : kinds) {
+    if (!(tensors[0].defined() || tensors[1].defined() || tensors[2].defined())) continue;
+    if (!masks.empty()) masks += '+';
+    masks += kind;
+  }
+  if (!masks.empty()) stream << ", masks=" << masks;
+  stream << ")";
 }
 
 torch::nn::Linear& CTRNNImpl::layer(int index) {
@@ -202,11 +253,9 @@ std::tuple<torch::Tensor, torch::Tensor> CTRNNImpl::forward(const torch::Tensor&
   const auto& w_in = recurrent_layer->input_layer->weight;
   const int64_t n_in = options_.n_in(), n_hid = options_.n_hid();
   const bool batch_first = options_.batch_first();
-  std::string layout = batch_first ? "(B, T, N_in)" : "(T, B, N_in)";
-  TORCH_CHECK_VALUE(input.dim() == 3 && input.size(2) == n_in, "x must have shape ", layout, " with N_in=", n_in,
-                    ", got shape ", shape_of(input));
-  TORCH_CHECK_TYPE(input.scalar_type() == w_in.scalar_type(), "x must have the model's dtype ",
-                   detail::dtype_name(w_in), ", got dtype ", detail::dtype_name(input));
+  RNNLOSS_CHECK(input.dim() == 3 && input.size(2) == n_in, rules::kXShape,
+                batch_first ? "(B, T, N_in)" : "(T, B, N_in)", n_in, input.sizes());
+  RNNLOSS_CHECK(input.scalar_type() == w_in.scalar_type(), rules::kXDtype, w_in.scalar_type(), input.scalar_type());
   torch::Tensor x = batch_first ? input.transpose(0, 1) : input;
   const int64_t steps = x.size(0), batch = x.size(1);
   torch::Tensor v;
@@ -217,9 +266,8 @@ std::tuple<torch::Tensor, torch::Tensor> CTRNNImpl::forward(const torch::Tensor&
       v = torch::zeros({batch, n_hid}, x.options());
   } else {
     detail::check_float_tensor(init_state, "init_state");
-    TORCH_CHECK_VALUE(init_state.dim() == 2 && init_state.size(0) == batch && init_state.size(1) == n_hid,
-                      "init_state must have shape [B, N_hid] = ", detail::int_list({batch, n_hid}), ", got shape ",
-                      shape_of(init_state));
+    RNNLOSS_CHECK(init_state.dim() == 2 && init_state.size(0) == batch && init_state.size(1) == n_hid,
+                  rules::kInitStateShape, std::vector<int64_t>{batch, n_hid}, init_state.sizes());
     v = init_state.to(x.scalar_type());
   }
   // The input drive and both biases for every step in one matmul.

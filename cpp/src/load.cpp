@@ -3,9 +3,8 @@
 #include "checks.h"
 #include "native_format.h"
 
-#include <c10/util/Exception.h>
 #include <torch/serialize.h>
-#include <torch/torch.h>
+#include <torch/types.h>
 
 #include <cmath>
 #include <cstring>
@@ -22,11 +21,8 @@ using detail::dtype_name;
 using detail::int_list;
 using detail::kLayers;
 using detail::lambda_entry;
-using detail::lambda_fits_activity;
-using detail::lambda_in_range;
 using detail::py_float;
 using detail::py_str_list;
-using detail::shape_of;
 
 namespace {
 
@@ -34,6 +30,28 @@ constexpr const char* kFormat = "rnnloss.native";
 constexpr int64_t kVersion = 1;
 
 using Dict = c10::Dict<c10::IValue, c10::IValue>;
+
+// An IValue as Python's repr would write it (containers of plain values), else what it is.
+std::string py_repr(const c10::IValue& v) {
+  if (v.isNone()) return "None";
+  if (v.isBool()) return v.toBool() ? "True" : "False";
+  if (v.isInt()) return std::to_string(v.toInt());
+  if (v.isDouble()) return py_float(v.toDouble());
+  if (v.isString()) return detail::py_str(v.toStringRef());
+  if (v.isList() || v.isTuple()) {
+    const bool list = v.isList();
+    std::vector<c10::IValue> items;
+    if (list) {
+      for (const auto& item : v.toListRef()) items.push_back(item);
+    } else {
+      for (const auto& item : v.toTupleRef().elements()) items.push_back(item);
+    }
+    std::string out = list ? "[" : "(";
+    for (size_t i = 0; i < items.size(); ++i) out += (i ? ", " : "") + py_repr(items[i]);
+    return out + (list ? "]" : (items.size() == 1 ? ",)" : ")"));
+  }
+  return std::string("a ") + v.tagKind();
+}
 
 // Typed access to the artifact's dict, with a message that names the file and the key.
 struct Reader {
@@ -78,7 +96,7 @@ Exported load(const std::string& path) {
   if (std::filesystem::is_directory(file)) file /= kNativeArtifact;
   auto bytes = detail::read_bytes(file.string());
   TORCH_CHECK_VALUE(bytes.has_value(), "rnnloss::load: cannot read ", file.string(),
-                    " (the export command writes it; from Python: rnnloss.native.save_native(loss, path))");
+                    " (the export command writes it; from Python: rnnloss.export.native.save_native(loss, path))");
   c10::IValue root;
   try {
     root = detail::unpickle(*bytes, file.string());
@@ -164,7 +182,7 @@ Exported from_native_dict(const c10::IValue& root, const std::string& where) {
     TORCH_CHECK_VALUE(v.isTensor(), "rnnloss::load: ", r.path, ": 'state_dict.", key, "' must be a tensor");
     const auto& t = v.toTensor();
     TORCH_CHECK_VALUE(t.is_floating_point(), "rnnloss::load: ", r.path, ": 'state_dict.", key,
-                      "' must be a floating-point tensor, got dtype ", dtype_name(t));
+                      "' must be a floating-point tensor, got dtype ", dtype_name(t.scalar_type()));
     return t;
   };
   // The dims must match the weights the file holds before anything of their size is allocated.
@@ -176,7 +194,7 @@ Exported from_native_dict(const c10::IValue& root, const std::string& where) {
   for (const auto& [key, shape] : weights) {
     auto w = tensor(key);
     TORCH_CHECK_VALUE(w.sizes() == c10::IntArrayRef(shape), "rnnloss::load: ", r.path, ": 'model.dims' is ",
-                      int_list({n_in, n_hid, n_out}), " but 'state_dict.", key, "' has shape ", shape_of(w),
+                      int_list({n_in, n_hid, n_out}), " but 'state_dict.", key, "' has shape ", int_list(w.sizes()),
                       " (expected ", int_list(shape), ")");
   }
   CTRNNOptions options(n_in, n_hid, n_out);
@@ -240,7 +258,15 @@ Exported from_native_dict(const c10::IValue& root, const std::string& where) {
   TORCH_CHECK_VALUE(file_names == library_names, "rnnloss::load: ", r.path, ": 'loss.component_names' is ",
                     py_str_list(file_names), ", this library's are ", py_str_list(library_names),
                     ": it was written by another version of rnnloss");
-  auto active = r.list(l, "active", "loss.", 7);
+  // The active set: exactly seven bools (one line naming what the file holds instead).
+  auto active_value = r.get(l, "active", "loss.");
+  bool seven_bools = active_value.isList() && active_value.toListRef().size() == 7;
+  if (seven_bools)
+    for (const auto& a : active_value.toListRef()) seven_bools = seven_bools && a.isBool();
+  TORCH_CHECK_VALUE(seven_bools, "rnnloss::load: ", r.path, ": 'loss.active' must be a list of 7 bools, got ",
+                    py_repr(active_value));
+  std::array<bool, 7> active{};
+  for (size_t i = 0; i < 7; ++i) active[i] = active_value.toListRef()[i].toBool();
   auto lambda_values = r.list(l, "lambdas", "loss.", 7);
   std::vector<double> lambdas(7);
   std::array<double, 7> construct{};
@@ -248,16 +274,15 @@ Exported from_native_dict(const c10::IValue& root, const std::string& where) {
     const auto& v = lambda_values[i];
     TORCH_CHECK_VALUE(v.isDouble() || v.isInt(), "rnnloss::load: ", r.path, ": 'loss.lambdas' must hold numbers");
     lambdas[i] = v.isDouble() ? v.toDouble() : static_cast<double>(v.toInt());
-    const auto& name = library_names[i];
-    std::string entry = lambda_entry(i) + " = " + py_float(lambdas[i]);
-    TORCH_CHECK_VALUE(lambda_in_range(lambdas[i]), "rnnloss::load: ", r.path, " gives ", entry,
-                      "; a lambda must be finite, >= 0 and at most float32's largest value");
-    TORCH_CHECK_VALUE(lambda_fits_activity(lambdas[i], r.flag(active[i], "loss.active")), "rnnloss::load: ", r.path,
-                      " gives ", entry, ", but component '", name,
-                      "' is inactive in it ('loss.active' is false there; a component inactive at construction "
-                      "keeps lambda 0): the file is inconsistent, export the loss again");
+    // λ are checked where they are written: here, with the rules' messages.
+    const std::string entry = lambda_entry(i), name = rules::kComponentNames[i];
+    const char* problem = detail::lambda_problem(lambdas[i]);
+    TORCH_CHECK_VALUE(*problem == '\0', "rnnloss::load: ", r.path, ": ",
+                      rules::format(rules::kLambdaValue, entry, problem));
+    TORCH_CHECK_VALUE(lambdas[i] == 0.0 || active[i], "rnnloss::load: ", r.path, ": ",
+                      rules::format(rules::kLambdaInactive, entry, name, name));
     // An active component annealed to 0 stays active: build it with a placeholder, then write λ.
-    construct[i] = r.flag(active[i], "loss.active") ? (lambdas[i] > 0 ? lambdas[i] : 1.0) : 0.0;
+    construct[i] = active[i] ? (lambdas[i] > 0 ? lambdas[i] : 1.0) : 0.0;
   }
   RNNLoss loss(model, RNNLossOptions()
                           .lambda_mse(construct[0])

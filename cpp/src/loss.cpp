@@ -2,56 +2,51 @@
 
 #include "checks.h"
 
-#include <c10/util/Exception.h>
-#include <torch/torch.h>
+#include <torch/types.h>
 
 #include <cmath>
+#include <cstdio>
 #include <limits>
 #include <utility>
 
 namespace rnnloss {
 
 using detail::accumulation_dtype;
-using detail::lambda_entry;
-using detail::lambda_fits_activity;
-using detail::lambda_in_range;
-using detail::py_float;
-using detail::shape_of;
+using rules::Term;
 
 const std::vector<std::string>& component_names() {
-  static const std::vector<std::string> names = {"mse", "in", "hid", "out", "fr", "fr_sd", "fr_cv"};
+  static const std::vector<std::string> names(std::begin(rules::kComponentNames), std::end(rules::kComponentNames));
   return names;
 }
 
 namespace {
 
-enum Index { kMse = 0, kIn, kHid, kOut, kFr, kFrSd, kFrCv };
+// ---- The formulas: the Python module rnnloss.terms, term by term (its docstrings hold the math). ----
 
-// ---- The formulas (each once; the Python module rnnloss.loss holds the same, with its math). ----
-
-// Mean of squares over every element, (1/n) Σ_k x_k²: the weight penalties ‖W‖²_F / (rows·cols).
-torch::Tensor mean_square(const torch::Tensor& x) {
-  auto xa = x.to(accumulation_dtype(x));
-  return (xa * xa).sum() / static_cast<double>(x.numel());
+// Σ w (pred − label)² and Σ w (terms.error_sums): the weights divided by their largest first, in
+// the mask's own dtype, so that the ratio is unchanged and tiny (even subnormal) weights neither
+// underflow nor lose digits. Without a mask: the sum of squares and the element count (float64).
+std::pair<torch::Tensor, torch::Tensor> error_sums(const torch::Tensor& pred, const torch::Tensor& label,
+                                                   const torch::Tensor& mask) {
+  auto acc = torch::promote_types(accumulation_dtype(pred), accumulation_dtype(label));
+  auto p = pred.to(acc), y = label.to(acc);
+  if (!mask.defined()) {
+    auto count = torch::zeros({}, torch::TensorOptions().dtype(torch::kFloat64).device(p.device())) +
+                 static_cast<double>(p.numel());
+    return {torch::mse_loss(p, y, at::Reduction::Sum), count};
+  }
+  auto w = mask.is_floating_point() ? mask : mask.to(acc);
+  auto top = w.max();
+  w = (w / torch::where(top > 0, top, torch::ones_like(top))).to(acc);
+  auto diff = p - y;
+  if (mask.dim() == p.dim()) return {(w * diff * diff).sum(), w.sum()};
+  return {(w * (diff * diff).sum(-1)).sum(), w.sum() * p.size(-1)};
 }
 
-// mse: (1/n) Σ_k (ŷ_k − y_k)² over every element; with weights w (shaped like pred, or like pred
-// without its last axis: one weight per sample, counted once for each of its N_out outputs, so the
-// denominator is N_out·Σw): Σ w·(ŷ − y)² / Σ w. Σ w = 0 gives 0 with a zero gradient.
-torch::Tensor mean_squared_error(const torch::Tensor& pred, const torch::Tensor& label, const torch::Tensor& mask) {
-  auto acc = torch::promote_types(accumulation_dtype(pred), accumulation_dtype(label));
-  if (!mask.defined()) return torch::mse_loss(pred.to(acc), label.to(acc));
-  auto diff = pred.to(acc) - label.to(acc);
-  auto w = mask.to(acc);
-  torch::Tensor weighted, weight;
-  if (mask.dim() == pred.dim()) {
-    weighted = (w * diff * diff).sum();
-    weight = w.sum();
-  } else {
-    weighted = (w * (diff * diff).sum(-1)).sum();
-    weight = w.sum() * pred.size(-1);
-  }
-  return weighted / torch::where(weight == 0, torch::ones_like(weight), weight);
+// A weight penalty: ‖W‖²_F / (rows · cols) (terms.mean_square).
+torch::Tensor mean_square(const torch::Tensor& w) {
+  auto wa = w.to(accumulation_dtype(w));
+  return (wa * wa).sum() / static_cast<double>(w.numel());
 }
 
 // Per-neuron sums Σ_s r_{s,i} in float64, accurate for float32 rates at 10^7 elements: every
@@ -83,10 +78,8 @@ torch::Tensor sum_of_squares_f64(const torch::Tensor& states) {
   return (r * r).sum(-1).to(torch::kFloat64).sum();
 }
 
-// fr_sd and fr_cv from the per-neuron means: μ = mean_i r̄_i, σ = sqrt(mean_i (r̄_i − μ)²) (population
-// SD), CV = σ / μ. μ is taken as m + mean_i (r̄_i − m), m the plain mean: the same function, and
-// exactly the common value when every r̄_i is equal (the plain mean of 7 equal numbers need not round
-// back to them; the correction, a few ulps computed exactly, restores it).
+// fr_sd and fr_cv from the per-neuron means (terms.rate_sd_cv): μ = m + mean_i (r̄_i − m), m the
+// plain mean (exactly the common value when every r̄_i is equal); σ the population SD; CV = σ / μ.
 // σ = 0 gives σ = CV = 0 with zero gradients (the sqrt's slope at 0 is never evaluated); σ > 0 with
 // μ = 0 gives CV = +inf; NaN rates give NaN (var == 0 is false for NaN).
 std::pair<torch::Tensor, torch::Tensor> rate_sd_cv(const torch::Tensor& mean_rates) {
@@ -100,36 +93,59 @@ std::pair<torch::Tensor, torch::Tensor> rate_sd_cv(const torch::Tensor& mean_rat
   auto centred = mu == 0;
   auto cv = torch::where(centred, torch::full_like(var, std::numeric_limits<double>::infinity()),
                          sd / torch::where(centred, torch::ones_like(mu), mu));
-  cv = torch::where(flat, torch::zeros_like(var), cv);
-  return {sd, cv};
+  return {sd, torch::where(flat, torch::zeros_like(var), cv)};
 }
 
-void check_lambda_value(const std::string& name, double value) {
-  TORCH_CHECK_VALUE(std::isfinite(value) && value >= 0, name, " must be finite and >= 0, got ", py_float(value));
-  TORCH_CHECK_VALUE(lambda_in_range(value), name, " must be finite in float32 (at most 3.4028235e+38), got ",
-                    py_float(value));
+std::array<double, 7> values_of(const RNNLossOptions& o) {
+  return {o.lambda_mse(), o.lambda_in(), o.lambda_hid(), o.lambda_out(), o.lambda_fr(), o.lambda_fr_sd(),
+          o.lambda_fr_cv()};
 }
 
 }  // namespace
 
-RNNLossImpl::RNNLossImpl(CTRNN model_, const RNNLossOptions& options) {
-  TORCH_CHECK_TYPE(!model_.is_empty(), "model must be a CTRNN (or a subclass), got an empty CTRNN holder");
-  const std::array<double, 7> values = {options.lambda_mse(), options.lambda_in(),    options.lambda_hid(),
-                                        options.lambda_out(), options.lambda_fr(),    options.lambda_fr_sd(),
-                                        options.lambda_fr_cv()};
-  for (size_t i = 0; i < 7; ++i) check_lambda_value("lambda_" + component_names()[i], values[i]);
-  model = register_module("model", std::move(model_));
+RNNLossImpl::RNNLossImpl(CTRNN model_, const RNNLossOptions& options_) : options(options_) {
+  RNNLOSS_CHECK(!model_.is_empty(), rules::kModelType, "an empty CTRNN holder");
+  const auto values = values_of(options);
+  for (size_t i = 0; i < 7; ++i)
+    detail::check_lambda(std::string("lambda_") + rules::kComponentNames[i], values[i], true,
+                         std::string("lambda_") + rules::kComponentNames[i]);
   for (size_t i = 0; i < 7; ++i) on_[i] = values[i] > 0.0;
-  need_means_ = on_[kFrSd] || on_[kFrCv];
-  need_states_ = on_[kFr] || need_means_;
+  need_means_ = on_[Term::kFrSd] || on_[Term::kFrCv];
+  need_states_ = on_[Term::kFr] || need_means_;
+  model = register_module("model", std::move(model_));
+  register_lambdas();
+}
+
+void RNNLossImpl::reset() {
+  model = register_module("model", CTRNN(model->options()));
+  register_lambdas();
+}
+
+void RNNLossImpl::register_lambdas() {
   // On the device of the input weights (the one forward checks pred against): a CPU buffer beside
-  // a CUDA model would be copied to the GPU in every forward, a host-device synchronisation per
-  // call. A meta model would keep real values on the CPU, as in Python (libtorch's Module::to cannot
-  // move a model to meta today, so this only guards a model built there by other means).
+  // a CUDA model would be copied to the GPU in every forward. A meta model keeps real values on the
+  // CPU, as in Python.
   auto device = model->recurrent_layer->input_layer->weight.device();
   if (device.is_meta()) device = torch::kCPU;
+  const auto values = values_of(options);
   lambdas = register_buffer("lambdas", torch::tensor(std::vector<double>(values.begin(), values.end()),
                                                      torch::dtype(torch::kFloat64).device(device)));
+}
+
+void RNNLossImpl::pretty_print(std::ostream& stream) const {
+  // Python's extra_repr: f"{name}={value:g}" for each non-zero λ.
+  auto values = lambdas.detach().to(torch::kCPU, torch::kFloat64).contiguous();
+  stream << "rnnloss::RNNLoss(";
+  bool first = true;
+  for (int64_t i = 0; i < values.numel() && i < 7; ++i) {
+    double v = values.data_ptr<double>()[i];
+    if (v == 0.0) continue;
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "%g", v);
+    stream << (first ? "" : ", ") << "lambda_" << rules::kComponentNames[i] << "=" << buf;
+    first = false;
+  }
+  stream << ")";
 }
 
 std::vector<std::string> RNNLossImpl::active() const {
@@ -155,118 +171,110 @@ void RNNLossImpl::to(torch::Dtype dtype, bool non_blocking) {
 void RNNLossImpl::set_lambda(const std::string& name, double value) {
   int64_t index = -1;
   for (size_t i = 0; i < 7; ++i)
-    if (component_names()[i] == name) index = static_cast<int64_t>(i);
-  TORCH_CHECK_VALUE(index >= 0, "set_lambda: name must be one of ", detail::py_str_list(component_names()),
-                    ", got '", name, "'");
-  TORCH_CHECK_VALUE(lambda_in_range(value), "set_lambda: value for '", name,
-                    "' must be finite (in float32) and >= 0, got ", py_float(value));
-  TORCH_CHECK_VALUE(on_[static_cast<size_t>(index)], "set_lambda: component '", name,
-                    "' is inactive (its lambda was 0 at construction), so it is never computed; build the loss with "
-                    "a non-zero lambda_",
-                    name);
+    if (name == rules::kComponentNames[i]) index = static_cast<int64_t>(i);
+  if (index < 0) {
+    std::string names;
+    for (const char* n : rules::kComponentNames) names += (names.empty() ? "" : ", ") + std::string(n);
+    rules::raise(rules::kLambdaName, names, name);
+  }
+  detail::check_lambda("lambda_" + name, value, on_[static_cast<size_t>(index)], name);
   torch::NoGradGuard no_grad;
-  lambdas[index].fill_(value);
+  lambdas.narrow(0, index, 1).fill_(value);  // fill_ takes the float64 value as it is
 }
 
-void RNNLossImpl::check_lambdas() {
-  // dtype and shape on every call (metadata). The values: on the CPU every call (as Python, reading
-  // nothing else); elsewhere, since a read-back there is a host-device synchronisation, only after a
-  // write (version counter) or on other memory: another tensor (assignment), or new storage in the
-  // same tensor (to() and torch::load replace it through set_data). The tensor and storage last
-  // validated are held, so that their memory cannot come back as a new buffer's address.
-  TORCH_CHECK_VALUE(lambdas.scalar_type() == torch::kFloat64 && lambdas.dim() == 1 && lambdas.size(0) == 7,
-                    "lambdas must be a float64 tensor of shape [7], got dtype ", detail::dtype_name(lambdas),
-                    " and shape ", detail::shape_of(lambdas));
-  const bool cached = !lambdas.is_cpu() && !lambdas.is_inference();  // inference tensors: no version counter
-  int64_t version = 0;
-  const void* data = nullptr;
-  if (cached) {
-    version = static_cast<int64_t>(lambdas._version());
-    data = lambdas.data_ptr();
-    if (lambdas.is_same(checked_) && version == checked_version_ && data == checked_data_) return;
+torch::Tensor RNNLossImpl::checked_lambdas() const {
+  const auto& lam = lambdas;
+  RNNLOSS_CHECK(lam.scalar_type() == torch::kFloat64 && lam.dim() == 1 && lam.size(0) == 7, rules::kLambdasBuffer,
+                lam.scalar_type(), lam.sizes());
+  if (lam.is_cpu()) {
+    auto values = lam.contiguous();
+    const double* v = values.data_ptr<double>();
+    for (size_t i = 0; i < 7; ++i)
+      detail::check_lambda(detail::lambda_entry(i), v[i], on_[i], rules::kComponentNames[i]);
+    return lam;
   }
-  auto values = lambdas.to(torch::kCPU, torch::kFloat64).contiguous();
-  const double* v = values.data_ptr<double>();
-  for (size_t i = 0; i < 7; ++i) {
-    const auto& name = component_names()[i];
-    std::string entry = lambda_entry(i);
-    const char* kind = std::isnan(v[i]) ? "NaN" : v[i] < 0 ? "a negative value" : "a value beyond float32's range";
-    TORCH_CHECK_VALUE(lambda_in_range(v[i]), entry, " must be finite and >= 0; it was set to ", kind);
-    TORCH_CHECK_VALUE(lambda_fits_activity(v[i], on_[i]), entry, " is non-zero but component '", name,
-                      "' is inactive (its lambda was 0 at construction); build the loss with a non-zero lambda_",
-                      name);
-  }
-  if (!cached) return;
-  checked_ = lambdas;
-  checked_storage_ = lambdas.storage();
-  checked_version_ = version;
-  checked_data_ = data;
+  // Elsewhere reading the values back would be a host–device synchronisation per call.
+  detail::assert_lambdas_on_device(lam, on_);
+  return lam;
 }
+
+namespace detail {
+
+void assert_lambdas_on_device(const at::Tensor& lam, const std::array<bool, 7>& active) {
+  // The conditions of check_lambda, as one device-side assertion (its message is the rule's).
+  auto ok = (lam >= 0.0) & (lam <= rules::kFloat32Max);
+  for (int64_t i = 0; i < 7; ++i)
+    if (!active[static_cast<size_t>(i)]) ok.narrow(0, i, 1).logical_and_(lam.narrow(0, i, 1) == 0.0);
+  at::_assert_async(ok.all(), rules::kLambdasValues);
+}
+
+}  // namespace detail
 
 std::tuple<torch::Tensor, torch::Tensor> RNNLossImpl::forward(const torch::Tensor& pred, const torch::Tensor& label,
-                                                              const torch::Tensor& states, const torch::Tensor& mask) {
+                                                              const torch::Tensor& states, const torch::Tensor& mask_) {
+  // The checks of Python's RNNLoss._check_inputs, in its order.
   detail::check_float_tensor(pred, "pred");
   detail::check_float_tensor(label, "label");
-  TORCH_CHECK_VALUE(pred.sizes() == label.sizes(), "pred and label must have the same shape, got pred ",
-                    shape_of(pred), " and label ", shape_of(label));
-  TORCH_CHECK_VALUE(label.device() == pred.device(), "label must be on pred's device ", pred.device().str(), ", got ",
-                    label.device().str());
+  RNNLOSS_CHECK(pred.sizes() == label.sizes(), rules::kLabelShape, pred.sizes(), label.sizes());
+  RNNLOSS_CHECK(label.device() == pred.device(), rules::kDevice, "label", "pred", pred.device(), label.device());
   const int64_t n_hid = model->n_hid();
   if (states.defined()) {
     detail::check_float_tensor(states, "states");
-    TORCH_CHECK_VALUE(states.device() == pred.device(), "states must be on pred's device ", pred.device().str(),
-                      ", got ", states.device().str());
-    TORCH_CHECK_VALUE(states.dim() != 0 && states.size(-1) == n_hid, "states must have N_hid=", n_hid,
-                      " as its last dimension, got shape ", shape_of(states));
+    RNNLOSS_CHECK(states.device() == pred.device(), rules::kDevice, "states", "pred", pred.device(), states.device());
+    RNNLOSS_CHECK(states.dim() != 0 && states.size(-1) == n_hid, rules::kStatesLastDim, n_hid, states.sizes());
   } else {
-    TORCH_CHECK_VALUE(!need_states_, "states is required when lambda_fr, lambda_fr_sd or lambda_fr_cv > 0, got None");
+    RNNLOSS_CHECK(!need_states_, rules::kStatesMissing);
   }
-  if (mask.defined()) {
-    TORCH_CHECK_TYPE(!mask.is_complex(), "mask must be a real tensor (floating point, integer or bool), got dtype ",
-                     detail::dtype_name(mask));
+  if (mask_.defined()) {
+    RNNLOSS_CHECK(!mask_.is_complex(), rules::kMaskDtype, mask_.scalar_type());
     auto per_sample = pred.sizes().slice(0, static_cast<size_t>(pred.dim() - 1));
-    TORCH_CHECK_VALUE(mask.sizes() == pred.sizes() || mask.sizes() == per_sample,
-                      "mask must have pred's shape ", shape_of(pred), " or pred's shape without its last axis ",
-                      detail::int_list(per_sample.vec()), ", got shape ", shape_of(mask));
-    TORCH_CHECK_VALUE(mask.device() == pred.device(), "mask must be on pred's device ", pred.device().str(), ", got ",
-                      mask.device().str());
-    if (mask.scalar_type() != torch::kBool) {
-      auto valid = ((mask >= 0) & torch::isfinite(mask)).all();
-      if (mask.is_cuda())
-        torch::_assert_async(valid, "mask must hold finite weights >= 0");  // no host-device sync
-      else
-        TORCH_CHECK_VALUE(valid.item<bool>(), "mask must hold finite weights >= 0");
-    }
+    RNNLOSS_CHECK(mask_.sizes() == pred.sizes() || mask_.sizes() == per_sample, rules::kMaskShape, pred.sizes(),
+                  per_sample, mask_.sizes());
+    RNNLOSS_CHECK(mask_.device() == pred.device(), rules::kDevice, "mask", "pred", pred.device(), mask_.device());
   }
-  check_lambdas();
-
   const auto& w_in = model->recurrent_layer->input_layer->weight;
   const auto& w_hid = model->recurrent_layer->hidden_layer->weight;
   const auto& w_out = model->readout_layer->weight;
-  TORCH_CHECK_VALUE(!(on_[kIn] || on_[kHid] || on_[kOut]) || w_in.device() == pred.device(),
-                    "pred must be on the model's device ", w_in.device().str(),
-                    " when a weight penalty is active, got ", pred.device().str());
+  const bool weights_on = on_[Term::kIn] || on_[Term::kHid] || on_[Term::kOut];
+  RNNLOSS_CHECK(!weights_on || w_in.device() == pred.device(), rules::kDevice, "pred", "the model", w_in.device(),
+                pred.device());
+  torch::Tensor mask = mask_;
+  if (mask.defined()) {
+    if (!mask.is_floating_point()) mask = mask.to(accumulation_dtype(pred));  // integer or bool weights
+    auto valid = ((mask >= 0) & torch::isfinite(mask)).all();
+    if (mask.is_cpu())
+      RNNLOSS_CHECK(valid.item<bool>(), rules::kMaskWeights);
+    else
+      torch::_assert_async(valid, rules::kMaskWeights);  // no host–device synchronisation
+  }
+  auto lam = checked_lambdas();
+
+  // terms.statistics, then terms.components.
   auto dtype = torch::promote_types(
       torch::promote_types(accumulation_dtype(pred), accumulation_dtype(label)), accumulation_dtype(w_in));
   if (states.defined()) dtype = torch::promote_types(dtype, accumulation_dtype(states));
   auto zero = torch::zeros({}, torch::TensorOptions().dtype(dtype).device(pred.device()));
   std::vector<torch::Tensor> c(7, zero);
-  if (on_[kMse]) c[kMse] = mean_squared_error(pred, label, mask).to(dtype);
-  if (on_[kIn]) c[kIn] = mean_square(w_in).to(dtype);
-  if (on_[kHid]) c[kHid] = mean_square(w_hid).to(dtype);
-  if (on_[kOut]) c[kOut] = mean_square(w_out).to(dtype);
+  if (on_[Term::kMse]) {
+    auto [sq_err, weight] = error_sums(pred, label, mask);
+    c[Term::kMse] = (sq_err / torch::where(weight == 0, torch::ones_like(weight), weight)).to(dtype);
+  }
+  if (on_[Term::kIn]) c[Term::kIn] = mean_square(w_in).to(dtype);
+  if (on_[Term::kHid]) c[Term::kHid] = mean_square(w_hid).to(dtype);
+  if (on_[Term::kOut]) c[Term::kOut] = mean_square(w_out).to(dtype);
   if (states.defined() && need_states_) {
     // fr and the per-neuron means from float64 sums; the statistics in float64, then cast. One
     // upcast of the rates: both terms' gradients add in float32 and round to half precision once.
     auto rates = states.to(accumulation_dtype(states));
-    if (on_[kFr]) c[kFr] = (sum_of_squares_f64(rates) / static_cast<double>(states.numel())).to(dtype);
+    const double samples = static_cast<double>(states.numel() / n_hid);
+    if (on_[Term::kFr]) c[Term::kFr] = (sum_of_squares_f64(rates) / (samples * static_cast<double>(n_hid))).to(dtype);
     if (need_means_) {
-      auto [sd, cv] = rate_sd_cv(neuron_sums_f64(rates) / static_cast<double>(states.numel() / n_hid));
-      if (on_[kFrSd]) c[kFrSd] = sd.to(dtype);
-      if (on_[kFrCv]) c[kFrCv] = cv.to(dtype);
+      auto [sd, cv] = rate_sd_cv(neuron_sums_f64(rates) / samples);
+      if (on_[Term::kFrSd]) c[Term::kFrSd] = sd.to(dtype);
+      if (on_[Term::kFrCv]) c[Term::kFrCv] = cv.to(dtype);
     }
   }
-  auto components = torch::stack(c) * lambdas.to(pred.device(), dtype);
+  auto components = torch::stack(c) * lam.to(pred.device(), dtype);
   return {components.sum(), components};
 }
 

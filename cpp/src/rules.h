@@ -44,4 +44,7 @@ inline constexpr const char* kLayerFinite = "{} for the {} layer must be finite"
 inline constexpr const char* kEiValues = "ei_masks for the {} layer must hold only +1, -1 and 0";  // ValueError, EC
 inline constexpr const char* kPlasticityValues = "plasticity_masks for the {} layer must be >= 0 (gradient scales)";  // ValueError, EC
 
+/// The rules raised as TypeError (c10::TypeError); every other is a ValueError.
+inline constexpr const char* kTypeErrors[] = {kUnknownKeyword, kModelType, kLambdaType, kNotFloat, kMaskDtype, kXDtype, kPerLayer};
+
 }  // namespace rnnloss::rules

@@ -184,11 +184,15 @@ def cpp_header() -> str:
              "enum Term : int { " + ", ".join("k" + t.name.title().replace("_", "") for t in Term) + " };",
              "inline constexpr const char* kComponentNames[] = {" + ", ".join(f'"{n}"' for n in COMPONENT_NAMES)
              + "};", ""]
+    def camel(rule: Rule) -> str:
+        return "k" + "".join(part.capitalize() for part in rule.name.split("_"))
     for rule in Rule:
-        camel = "".join(part.capitalize() for part in rule.name.split("_"))
         text = rule.value.replace("\\", "\\\\").replace('"', '\\"')
         kind = "TypeError" if rule in TYPE_ERRORS else "ValueError"
-        lines.append(f"inline constexpr const char* k{camel} = \"{text}\";  // {kind}, {where(rule)}")
+        lines.append(f"inline constexpr const char* {camel(rule)} = \"{text}\";  // {kind}, {where(rule)}")
+    lines += ["", "/// The rules raised as TypeError (c10::TypeError); every other is a ValueError.",
+              "inline constexpr const char* kTypeErrors[] = {" + ", ".join(camel(r) for r in Rule if r in TYPE_ERRORS)
+              + "};"]
     return "\n".join(lines + ["", "}  // namespace rnnloss::rules", ""])
 
 

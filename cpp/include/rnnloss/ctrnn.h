@@ -8,12 +8,15 @@
 #pragma once
 
 #include <torch/arg.h>
-#include <torch/nn/module.h>
+#include <torch/nn/cloneable.h>
 #include <torch/nn/modules/linear.h>
 #include <torch/nn/pimpl.h>
 #include <torch/types.h>
 
 #include <cstdint>
+#include <memory>
+#include <optional>
+#include <ostream>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -71,18 +74,38 @@ struct CTRNNOptions {
 
 /// Holds W_in, W_hid (nn::Linear "input_layer", "hidden_layer"), "hidden_state" and, with
 /// learn_alpha, "alpha": Python's recurrent_layer.*.
-class RecurrentLayerImpl : public torch::nn::Module {
+class RecurrentLayerImpl : public torch::nn::Cloneable<RecurrentLayerImpl> {
  public:
   RecurrentLayerImpl(int64_t n_in, int64_t n_hid, bool bias_in, bool bias_hid, bool learn_init, double alpha,
                      bool learn_alpha);
+  /// Registers the layers and parameters anew (zero weights; CTRNN initialises them).
+  void reset() override;
+  void pretty_print(std::ostream& stream) const override;
+
   torch::nn::Linear input_layer{nullptr}, hidden_layer{nullptr};
   torch::Tensor hidden_state, alpha;  // alpha is undefined unless learn_alpha
+
+ private:
+  int64_t n_in_, n_hid_;
+  bool bias_in_, bias_hid_, learn_init_;
+  double alpha_;
+  bool learn_alpha_;
 };
 TORCH_MODULE(RecurrentLayer);
 
-class CTRNNImpl : public torch::nn::Module {
+/// The model. A Cloneable module: clone() is a deep copy (parameters, buffers, requires_grad flags).
+class CTRNNImpl : public torch::nn::Cloneable<CTRNNImpl> {
  public:
+  /// Checks the options (Python's messages, c10::ValueError / c10::TypeError) and builds the model.
   explicit CTRNNImpl(const CTRNNOptions& options);
+
+  /// Builds the layers, masks and initial weights from options() anew (the constructor's work).
+  void reset() override;
+  /// A deep copy on `device` (or where each tensor is), requires_grad flags included.
+  std::shared_ptr<torch::nn::Module> clone(const std::optional<torch::Device>& device = std::nullopt) const override;
+  /// rnnloss::CTRNN(dims=(3, 64, 2), tau=100.0, dt=10.0, activation='relu', layout=(T, B, N)[, ...]):
+  /// the options that differ from a plain model, as Python's repr writes them.
+  void pretty_print(std::ostream& stream) const override;
 
   /// x: (T, B, N_in), or (B, T, N_in) with batch_first; init_state: (B, N_hid) or undefined.
   /// Returns (output, states) in x's layout with N_out and N_hid last.
@@ -110,7 +133,7 @@ class CTRNNImpl : public torch::nn::Module {
   torch::nn::Linear& layer(int index);
 
   CTRNNOptions options_;
-  double alpha_;
+  double alpha_ = 0.0;
   // Given masks are registered buffers (sparsity_input, sign_hidden, plasticity_readout, ...);
   // an absent mask stays undefined here and is not a buffer (Python's non-persistent placeholder).
   torch::Tensor sparsity_[3], sign_[3], plasticity_[3];

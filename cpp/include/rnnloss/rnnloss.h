@@ -7,7 +7,9 @@
 //   auto [total, components] = loss->forward(output, target, states);
 //
 // The definitions mirror the Python package (rnnloss.CTRNN, rnnloss.RNNLoss): same options, same
-// parameter names, same formulas, same error messages (thrown as c10::Error).
+// parameter names, same formulas, same error messages (thrown as c10::ValueError / c10::TypeError).
+// Both are Cloneable modules (model->clone() is a deep copy) and print their options
+// (std::cout << *loss).
 #pragma once
 
 #include <rnnloss/ctrnn.h>

@@ -4,8 +4,9 @@
 #include "cli.h"
 #include "native_format.h"
 
+#include <torch/autograd.h>
 #include <torch/script.h>
-#include <torch/torch.h>
+#include <torch/serialize.h>
 
 #include <fstream>
 #include <iostream>

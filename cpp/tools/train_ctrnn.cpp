@@ -10,8 +10,11 @@
 
 #include "cli.h"
 
+#include <ATen/CPUGeneratorImpl.h>
+#include <torch/cuda.h>
+#include <torch/optim/adam.h>
 #include <torch/script.h>
-#include <torch/torch.h>
+#include <torch/serialize.h>
 
 #include <unistd.h>
 
