@@ -23,9 +23,9 @@ namespace {
 
 // ---- The formulas: the Python module rnnloss.terms, term by term (its docstrings hold the math). ----
 
-// Σ w (pred − label)² and Σ w (terms.error_sums): the weights divided by their largest first, in
-// the mask's own dtype, so that the ratio is unchanged and tiny (even subnormal) weights neither
-// underflow nor lose digits. Without a mask: the sum of squares and the element count (float64).
+// Σ w (pred − label)² and Σ w (terms.error_sums): with a mask both in float64, so that tiny (even
+// subnormal float32) weights neither underflow nor lose digits. Without a mask: the sum of squares and
+// the element count (float64).
 std::pair<torch::Tensor, torch::Tensor> error_sums(const torch::Tensor& pred, const torch::Tensor& label,
                                                    const torch::Tensor& mask) {
   auto acc = torch::promote_types(accumulation_dtype(pred), accumulation_dtype(label));
@@ -35,9 +35,9 @@ std::pair<torch::Tensor, torch::Tensor> error_sums(const torch::Tensor& pred, co
                  static_cast<double>(p.numel());
     return {torch::mse_loss(p, y, at::Reduction::Sum), count};
   }
-  auto w = mask.is_floating_point() ? mask : mask.to(acc);
-  auto top = w.max();
-  w = (w / torch::where(top > 0, top, torch::ones_like(top))).to(acc);
+  p = p.to(torch::kFloat64);
+  y = y.to(torch::kFloat64);
+  auto w = mask.to(torch::kFloat64);
   auto diff = p - y;
   if (mask.dim() == p.dim()) return {(w * diff * diff).sum(), w.sum()};
   return {(w * (diff * diff).sum(-1)).sum(), w.sum() * p.size(-1)};

@@ -27,8 +27,9 @@ norms (no temporary; up to 1024 neurons, where torch's float32 row norm is still
 else Σ b·b in the block — and the column sums over groups of 1024 rows in the rates' dtype, so that
 the second read comes from the cache; block results are added in float64. A single CPU block sums
 its columns in float64 (equal neurons keep equal sums, so σ = 0 stays exactly 0). On a GPU a kernel
-launch costs about as much as reading 2^24 rates: float32/16 rates are one block (row norms there
-are tree reductions, accurate at any width); float64 rates, summed as Σ b·b, blocks of 2^24.
+launch costs about as much as reading 2^24 rates: float32 rates of 16 neurons or more are one block
+(row norms there are tree reductions, accurate at any width; the float64 norms then take at most 1/8
+of the rates' memory); other rates blocks of 2^24, which bounds every temporary.
 """
 from typing import List, Tuple
 
@@ -80,8 +81,9 @@ def sums(states: Tensor, need_sq: bool, need_col: bool) -> Tuple[Tensor, Tensor]
     if cpu:
         step = max(1, 1048576 // n)
         step = step // 1024 * 1024 if step >= 2048 else step  # whole groups of neuron_sums
-    else:
-        step = max(1, rows.size(0) if norms else 16777216 // n)
+    else:  # one block where its temporaries (8 bytes a sample, the group sums) stay within 1/8 of the rates
+        whole = norms and acc == rows.dtype and n >= 16 and rows.size(0) >= 16384
+        step = rows.size(0) if whole else max(1, 16777216 // n)
     sq = torch.zeros((), dtype=torch.float64, device=rows.device)
     col = sq
     blocks = rows.split(step)
@@ -137,6 +139,9 @@ def _scripted_sums(states: Tensor, need_sq: bool, need_col: bool) -> Tuple[Tenso
         col = col + (c - c.detach()).to(torch.float64)
     if need_sq:
         q = F.mse_loss(rows, rows.new_zeros((1, 1)).expand(rows.shape), reduction="sum")
+        if rows.device.type == "cpu" and not bool(torch.isfinite(q)):  # q - q would be NaN: float64 (free to
+            rows64 = rows.to(torch.float64)                                # ask on the CPU; a GPU gives NaN here)
+            q = F.mse_loss(rows64, rows64.new_zeros((1, 1)).expand(rows64.shape), reduction="sum")
         sq = sq + (q - q.detach()).to(torch.float64)
     return sq, col
 

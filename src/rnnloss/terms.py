@@ -58,12 +58,13 @@ def error_sums(pred: Tensor, label: Tensor, mask: Optional[Tensor] = None) -> Tu
     r"""Numerator and denominator of ``mse``: :math:`\sum_k w_k (\hat y_k - y_k)^2` and :math:`\sum_k w_k`.
 
     ``mask`` holds the weights w, shaped like pred, or like pred without its last axis (one weight per
-    sample, counted for each of its N_out outputs: the denominator is :math:`N_{out} \sum_s w_s`). The
-    weights are divided by their largest first, in their own dtype: the ratio is unchanged, and weights
-    as small as the smallest subnormal neither underflow nor lose digits in the accumulation dtype.
+    sample, counted for each of its N_out outputs: the denominator is :math:`N_{out} \sum_s w_s`). With a
+    mask both sums are float64 (pred-sized temporaries): weights as small as float32's smallest subnormal, or
+    a float64 1e-300, neither underflow nor lose digits, and the sums of ranks or batches still add. (Below
+    float64's normal range, 2.2e-308, weights lose digits; they are relative: scale them up.)
 
     Shape: pred, label: any, identical; mask: pred's shape or ``pred.shape[:-1]``. Returns two 0-dim
-    tensors in the accumulation dtype (float64 under torch.export).
+    tensors: the accumulation dtype without a mask, float64 with one or under torch.export.
 
     Example::
 
@@ -74,9 +75,7 @@ def error_sums(pred: Tensor, label: Tensor, mask: Optional[Tensor] = None) -> Tu
     p, y = pred.to(acc), label.to(acc)
     if mask is None:  # the count as a tensor op on numel: torch.export keeps it symbolic
         return F.mse_loss(p, y, reduction="sum"), torch.zeros((), dtype=torch.float64, device=p.device) + p.numel()
-    w = mask if mask.is_floating_point() else mask.to(acc)
-    top = w.max()
-    w = (w / torch.where(top > 0, top, torch.ones_like(top))).to(acc)
+    p, y, w = p.to(torch.float64), y.to(torch.float64), mask.to(torch.float64)
     diff = p - y
     if mask.dim() == p.dim():
         return (w * diff * diff).sum(), w.sum()
@@ -101,14 +100,15 @@ def statistics(pred: Tensor, label: Tensor, states: Optional[Tensor], mask: Opti
 def mean_square(w: Tensor) -> Tensor:
     r"""A weight penalty: :math:`\|W\|_F^2 / (\text{rows} \cdot \text{cols})`, the mean of the squared entries.
 
-    Shape: any; returns 0-dim in the accumulation dtype (float16/bfloat16 give float32).
+    Shape: any; returns 0-dim in the accumulation dtype (float16/bfloat16 give float32), float64 under
+    torch.export (other runtimes add long sums one term at a time: 1e-5 would not hold for N_hid = 512).
 
     Example::
 
         >>> mean_square(torch.tensor([[1.0, 2.0], [2.0, 1.0]]))
         tensor(2.5000)
     """
-    wa = w.to(accumulation_dtype(w))
+    wa = w.to(torch.float64 if _exporting() else accumulation_dtype(w))
     return (wa * wa).sum() / w.numel()
 
 

@@ -25,8 +25,9 @@ from ..rules import COMPONENT_NAMES, LAMBDA_NAMES, Rule, head
 from ..trainer import CTRNNTrainer
 from . import executorch, onnx_checks
 from .folder import GENERATOR
+from .tracing import guarded, quiet, write_bytes
 from .native import NATIVE, from_torchscript, load_native, load_scripted, save_native
-from .parity import Row, compare_loss, fresh_shapes, gradient_rtol, run_row, sum_rtol, trainable
+from .parity import Row, compare_loss, fresh_shapes, gradient_rtol, run_row, sum_rtol, trainable, weights
 
 INPUTS = ("pred", "label", "states")
 OUTPUTS = ("total", "components")
@@ -121,32 +122,6 @@ class Check:
         return lambda i, t, b: [x.to(device) for x in sample_inputs(self.eager, t, b, seed + i, self.config["mask"])]
 
 
-@contextlib.contextmanager
-def quiet():
-    """The exporters print progress and warn about things that are fine here; keep the command's output clean."""
-    # e.g. "torchvision is not installed"; torchao's CUDA kernels on a CPU machine; a pytree deprecation
-    logs = [logging.getLogger(name) for name in ("torch.onnx", "torchao", "torch.utils._pytree")]
-    levels = [log.level for log in logs]
-    for log in logs:
-        log.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for log, level in zip(logs, levels):
-            log.setLevel(level)
-
-
-def write_bytes(save: Callable[[io.BytesIO], None], path: Path) -> None:
-    """Serialise into memory, then write with Python's file I/O: torch's own writer aborts the process
-    (``terminate called ... unexpected pos``) when a write fails, e.g. on a full disk."""
-    buffer = io.BytesIO()
-    save(buffer)
-    with open(path, "wb") as f:
-        f.write(buffer.getbuffer())
-
-
 def _moved(loss: RNNLoss, device: str) -> RNNLoss:
     import copy
     return loss if device == "cpu" else copy.deepcopy(loss).to(device)
@@ -191,7 +166,7 @@ def _check_train_pt(c: Check, device: str) -> Row:
             target = torch.randn(*lead, m.n_out, generator=g).to(device)
             extra = [torch.rand(*lead, m.n_out, generator=g).to(device)] if c.config["mask"] else []
             ref, got = eager(x, target, *extra), scripted(x, target, *extra)
-            n = max(ref[2].numel(), ref[3].numel())
+            n = max([ref[2].numel(), ref[3].numel()] + [w.numel() for w in weights(c.eager)])
             row.compare_loss(got[:2], ref[:2], c.eager.lambdas, ref[3], n)
             for a, r in zip(got[2:], ref[2:]):  # output and states: sums of N_in + N_hid terms per step
                 row.compare_gradient(a, r, sum_rtol(n))
@@ -227,70 +202,6 @@ def dynamic_shapes(config: Dict[str, Any], names: Sequence[str], every_axis: boo
 
 def _names(example: Sequence[torch.Tensor]) -> Tuple[str, ...]:
     return INPUTS + ("mask",) if len(example) == 4 else INPUTS
-
-
-def checked_like_pred(pred, label, states, mask, n_out: int, n_hid: int, check):
-    """The size rules as graph nodes, for exported programs whose inputs each have every axis as a dimension of
-    their own: ``check(ok, message)`` for pred's last axis, emptiness, states' last axis and each axis of label
-    and mask against pred's; returns label and mask copied into pred's sizes (an indexed copy, pred-sized:
-    any layout, and a bounds check of its own), so that nothing is computed from their own sizes."""
-    def like_pred(x, message):
-        for k in range(pred.dim()):
-            check(torch.scalar_tensor(x.size(k)) == torch.scalar_tensor(pred.size(k)), message)
-        return x.reshape(-1)[torch.arange(pred.numel(), device=x.device)].view(pred.shape)
-
-    check(torch.scalar_tensor(pred.size(-1)) == n_out, head(Rule.GRAPH_SHAPE, "pred", f"[time, batch, {n_out}]"))
-    for name, t in (("pred", pred), ("states", states)):
-        if t is not None:
-            check(torch.scalar_tensor(t.numel()) > 0, head(Rule.EMPTY, name))
-    if states is not None:
-        check(torch.scalar_tensor(states.size(-1)) == n_hid, head(Rule.STATES_LAST_DIM, n_hid))
-    return like_pred(label, head(Rule.LABEL_SHAPE)), None if mask is None else like_pred(mask, head(Rule.MASK_SHAPE))
-
-
-class Refusals:
-    """How an exported program refuses: an assertion node (``torch._assert_async``, which torch.export and
-    AOTInductor keep), or — where a lowering drops assertions (ExecuTorch) — an index into a 1-element tensor
-    that is out of range when the rule fails, whose 1.0 multiplies the outputs, so the kernel's bounds check
-    stops the program."""
-
-    def __init__(self, by_index: bool) -> None:
-        self.by_index, self.ones = by_index, []
-
-    def __call__(self, ok, message: str) -> None:
-        if self.by_index:
-            self.ones.append(torch.ones(1, device=ok.device)[torch.where(ok, 0, 1).reshape(1)])
-        else:
-            torch._assert_async(ok, message)
-
-    def applied(self, *outputs):
-        if not self.ones:
-            return outputs
-        one = torch.cat(self.ones).prod()
-        return tuple(t * one for t in outputs)
-
-
-class Guarded(RNNLoss):
-    """The loss as the .pt2 and rnn_loss.pte hold it: its size checks are nodes of the graph
-    (:func:`checked_like_pred`); input guards, which AOTInductor's default build drops and the ExecuTorch
-    runtime does not check, are not relied on. ``by_index``: see :class:`Refusals`."""
-    by_index = False
-
-    def forward(self, pred, label, states=None, mask=None):
-        check = Refusals(self.by_index)
-        label, mask = checked_like_pred(pred, label, states, mask, self.model.n_out, self.n_hid, check)
-        if mask is not None and self.by_index:  # forward's own device-side assertion is an assertion node
-            check(((mask >= 0) & torch.isfinite(mask)).all(), head(Rule.MASK_WEIGHTS))
-        return check.applied(*super().forward(pred, label, states, mask))
-
-
-def guarded(loss: RNNLoss, by_index: bool = False) -> Guarded:
-    """``loss`` with :class:`Guarded`'s forward: a shallow copy, so the same parameters under the same names."""
-    import copy
-    out = copy.copy(loss)
-    out.__class__ = Guarded
-    out.by_index = by_index
-    return out
 
 
 def _write_pt2(b: Build, path: Path) -> None:

@@ -8,7 +8,7 @@ with a static batch, and it was no faster; a fixed length per program keeps one 
 The batch is dynamic up to ``executorch.max_batch``; ``rnn_loss.pte`` takes any time up to
 ``executorch.time``. The ExecuTorch runtime checks neither static axes nor which inputs must share a size,
 and its lowering drops assertion nodes, so the size rules are nodes that index out of range when a rule
-fails (:class:`~rnnloss.export.artifacts.Refusals`): a bad input ends in an error (``0x12``, the kernel's
+fails (:class:`~rnnloss.export.tracing.Refusals`): a bad input ends in an error (``0x12``, the kernel's
 message on stderr), never a number. Every program also answers ``rnnloss_json`` (the export's description),
 ``time_steps`` and ``max_batch`` as constant methods. Programs run the portable kernels (XNNPACK brought no
 gain for these small matrix products).
@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .parity import Row, compare_loss, gradient_rtol, run_row, sum_rtol
+from .tracing import Refusals, checked_like_pred, guarded, quiet
 
 TRAIN_STEPS, TRAIN_LR = 100, 0.05  # the SGD trajectory ctrnn_train.pte is checked on
 
@@ -57,10 +58,21 @@ def _model_inputs(config, batch: int, seed: int, n_out: Optional[int] = None, ma
     return (x, target, torch.rand(*lead, outputs, generator=g)) if mask else (x, target)
 
 
+class _Forward(nn.Module):
+    """The model's forward with contiguous outputs: ExecuTorch cannot lower a copy of a batch-first
+    (transposed) view."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return tuple(t.contiguous() for t in self.model(x))
+
+
 def write_model(b, path: Path) -> None:
-    from .artifacts import quiet
     with quiet():
-        program = torch.export.export(b.loss.model.eval(), _model_inputs(b.config, 2, 0)[:1],
+        program = torch.export.export(_Forward(b.loss.model.eval()), _model_inputs(b.config, 2, 0)[:1],
                                       dynamic_shapes={"x": {_batch_axis(b.config): _batch_dim(b.config)}})
         _lower(program, path, b)
 
@@ -68,16 +80,15 @@ def write_model(b, path: Path) -> None:
 def write_loss(b, path: Path) -> None:
     from torch.export import Dim
 
-    from .artifacts import _names, guarded, quiet
     ex = b.config["executorch"]
     n = {"pred": b.loss.model.n_out, "label": b.loss.model.n_out, "mask": b.loss.model.n_out,
          "states": b.loss.n_hid}
     first, second = (1, 0) if b.config["model"]["batch_first"] else (0, 1)
-    example = [t[:2, :2].clone() for t in b.example]
+    example = [t[:2, :2].contiguous() for t in b.example]  # (batch-first rates are a transposed view)
     shapes = {name: {first: Dim(f"{name}_time", min=1, max=ex["time"]),
                      second: Dim(f"{name}_batch", min=1, max=ex["max_batch"]),
                      **({2: Dim(f"{name}_n", min=1, max=n[name])} if n[name] > 1 else {})}
-              for name in _names(example)}
+              for name in ("pred", "label", "states", "mask")[:len(example)]}
     b.loss.check_lambdas()
     with quiet():
         _lower(torch.export.export(guarded(b.loss, by_index=True), tuple(example), dynamic_shapes=shapes), path, b)
@@ -92,8 +103,7 @@ class TrainStep(nn.Module):
         self.loss = loss
 
     def forward(self, x, target, mask=None):
-        from .artifacts import Refusals, checked_like_pred
-        output, states = self.loss.model(x)
+        output, states = _Forward(self.loss.model)(x)
         check = Refusals(by_index=True)
         target, mask = checked_like_pred(output, target, None, mask, self.loss.model.n_out, self.loss.n_hid, check)
         if mask is not None:
@@ -108,7 +118,6 @@ def write_train(b, path: Path) -> None:
     from torch.export import Dim
     from torch.export.experimental import _export_forward_backward
 
-    from .artifacts import quiet
     loss = copy.deepcopy(b.loss)  # in eval mode: the program draws no noise (documented)
     inputs = _model_inputs(b.config, 2, 0, mask=b.config["mask"])
     axis = _batch_axis(b.config)
@@ -123,7 +132,6 @@ def write_train(b, path: Path) -> None:
 @contextlib.contextmanager
 def _runtime_quiet():
     """The runtime's C++ start-up logs its CPU probing to stderr (file descriptor 2) on first use."""
-    from .artifacts import quiet
     sys.stderr.flush()
     saved = os.dup(2)
     try:

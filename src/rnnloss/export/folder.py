@@ -74,20 +74,22 @@ def read_manifest(folder: Path) -> Dict[str, Any]:
 
 def check_sums(folder: Path, manifest: Dict[str, Any],
                names: Optional[Sequence[str]] = None) -> Iterator[Tuple[str, str]]:
-    """``(name, "missing")`` or ``(name, "changed")`` for each file of the manifest's sha256 table (or
+    """``(name, "missing")``, ``(name, "not a regular file")`` or ``(name, "changed")`` for each file of the manifest's sha256 table (or
     of ``names``, each listed there) that is not a plain file in ``folder`` or whose sha256 differs,
     in the table's (or ``names``') order, hashing one file per step: a caller may stop early."""
     table = manifest["sha256"]
     for name in table if names is None else names:
         path = folder / name
-        if not is_plain_file(path):
+        if not os.path.lexists(path):
             yield name, "missing"
+        elif not is_plain_file(path):
+            yield name, "not a regular file"
         elif sha256(path) != table[name]:
             yield name, "changed"
 
 
 def sum_mismatches(folder: Path, manifest: Dict[str, Any]) -> List[str]:
     """The files listed in the manifest's sha256 table that are missing or differ, as messages."""
-    return [f"{name}: missing (listed in {MANIFEST})" if why == "missing" else
-            f"{name}: sha256 differs from {MANIFEST} (the file changed after the export)"
-            for name, why in check_sums(folder, manifest)]
+    text = {"missing": f"missing (listed in {MANIFEST})", "not a regular file": "not a regular file (not read)",
+            "changed": f"sha256 differs from {MANIFEST} (the file changed after the export)"}
+    return [f"{name}: {text[why]}" for name, why in check_sums(folder, manifest)]

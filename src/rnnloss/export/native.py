@@ -18,6 +18,7 @@ values (str, int, float, bool and lists of them) and tensors. Format (version 1)
 stored tensors before it builds anything, so a file that claims N_hid = 200000 fails in one line
 instead of allocating 160 GB.
 """
+import re
 import zipfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
@@ -27,6 +28,7 @@ import torch
 from ..loss import RNNLoss
 from ..model import CTRNN, LAYERS
 from ..rules import COMPONENT_NAMES, LAMBDA_NAMES
+from .folder import is_plain_file
 
 NATIVE = "rnnloss_native.pt"
 FORMAT = "rnnloss.native"
@@ -70,6 +72,8 @@ def native_payload(loss: RNNLoss) -> Dict[str, Any]:
 def save_native(loss: RNNLoss, path: Union[str, Path], metadata: Optional[str] = None) -> None:
     """Write ``loss`` and its model to ``path`` in the format of the module docstring (plus a ``metadata``
     string: the export's description, which readers that do not know it ignore)."""
+    if not isinstance(loss, RNNLoss):
+        raise TypeError(f"loss must be an RNNLoss, got {type(loss).__name__}")
     if loss.sync_stats:
         raise ValueError("save_native: the native C++ loss has no sync_stats; build the loss with sync_stats=False")
     loss.check_lambdas()  # a file that load_native would refuse is not written
@@ -140,10 +144,12 @@ def load_native(path: Union[str, Path]) -> RNNLoss:
 def load_scripted(path: Union[str, Path], map_location=None) -> torch.jit.ScriptModule:
     """``torch.jit.load``, refusing first (without running it) an archive whose code defines ``__setstate__``:
     loading runs that code, and no module of this package has one, so loading stays bounded."""
+    if not is_plain_file(Path(path)):
+        raise NotAnRNNLossFile(f"{path} is not a regular file")
     try:
         with zipfile.ZipFile(path) as archive:
             for name in archive.namelist():
-                if name.endswith(".py") and "/code/" in name and b"def __setstate__" in archive.read(name):
+                if name.endswith(".py") and re.search(rb"def\s+__setstate__\b", archive.read(name)):
                     raise NotAnRNNLossFile(f"{path} defines __setstate__ ({name}); rnnloss never writes one, and "
                                            "loading would run it")
     except zipfile.BadZipFile:

@@ -13,7 +13,7 @@ by the conditioning of each quantity:
   sum of n same-signed terms is ~√n·u for the usual rounding (the worst case, n·u, assumes every
   rounding goes one way); 16 covers the short chains of a few roundings (products, divisions, the
   λ multiply) on small inputs, ``MARGIN = 10`` the tail of the distribution. n is the largest
-  reduction of the check (the element count of pred or states). For the default config's largest
+  reduction of the check (the element count of pred, states or a weight matrix). For the default config's largest
   parity input (64·57·13 ≈ 4.7·10^4 rates) it is 1.3e-4.
 - :func:`component_tolerances`, per component, absolute: mse, in, hid, out and fr are sums of
   non-negative terms (condition number 1): ``sum_rtol · |value|``. fr_sd is σ of the per-neuron
@@ -186,6 +186,12 @@ def fresh_shapes(time: int, batch: int) -> List[Tuple[int, int]]:
     return [s for s in shapes if s != (time, batch)]
 
 
+def weights(loss) -> List[torch.Tensor]:
+    """W_in, W_hid, W_out: the weight penalties' sums, which may be the check's largest."""
+    m = loss.model
+    return [m.recurrent_layer.input_layer.weight, m.recurrent_layer.hidden_layer.weight, m.readout_layer.weight]
+
+
 def trainable(module) -> Dict[str, torch.Tensor]:
     """The parameters that receive gradients (nn4n's fixed zero biases and init state do not)."""
     return {name: p for name, p in module.named_parameters() if p.requires_grad}
@@ -212,7 +218,7 @@ def compare_loss(row: Row, eager, runtime: Callable, runtime_params: Optional[Di
     grads = runtime_params is not None
     for i, (t, b) in enumerate(shapes):
         inputs = inputs_for(i, t, b)
-        n = max(inputs[0].numel(), inputs[2].numel())
+        n = max([inputs[0].numel(), inputs[2].numel()] + [w.numel() for w in weights(eager)])
         ref, ref_g = outputs_and_grads(eager, trainable(eager), inputs, grads)
         got, got_g = outputs_and_grads(runtime, runtime_params or {}, inputs, grads)
         rtol = gradient_rtol(eager.active, inputs[2], n)
