@@ -11,31 +11,45 @@ PIP_FLAGS := --quiet --disable-pip-version-check
 CPP_BUILD ?= cpp/build
 STEPS ?= 300
 
-.PHONY: all venv test test-latest export cpp bench gpu-check example clean
+.PHONY: all venv test test-fast test-latest export cpp docs bench gpu-check example clean
 
 all: test
 
-# $(call install_venv,VENV,REQUIREMENTS,WHAT): make VENV if missing, install REQUIREMENTS, nn4n 1.1.1
-# (--no-deps: it needs only torch, numpy and matplotlib) and this package (editable); say what before
-# each step, since pip runs quietly for minutes. WHAT must not contain commas.
+# $(call install_venv,VENV,REQUIREMENTS,WHAT): make VENV if missing, install REQUIREMENTS, then
+# requirements/no-deps.txt (nn4n, onnx2torch: --no-deps, see that file) and this package (editable); say
+# what before each step, since pip runs quietly for minutes. WHAT must not contain commas.
 define install_venv
 	@echo "== $(1): creating it if missing, then installing $(2) ($(3))"
 	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
 	$(1)/bin/python -m pip install $(PIP_FLAGS) -r $(2)
-	@echo "== $(1): nn4n 1.1.1 (--no-deps) and this package (editable)"
-	$(1)/bin/python -m pip install $(PIP_FLAGS) --no-deps -r requirements/nn4n.txt
+	@echo "== $(1): nn4n and onnx2torch (--no-deps) and this package (editable)"
+	$(1)/bin/python -m pip install $(PIP_FLAGS) --no-deps -r requirements/no-deps.txt
 	$(1)/bin/python -m pip install $(PIP_FLAGS) --no-deps -e .
 	touch $(1)/.installed-stamp
 endef
 
-$(STAMP): requirements/base.txt requirements/onnx.txt requirements/test-tools.txt requirements/test.txt requirements/nn4n.txt pyproject.toml
-	$(call install_venv,$(VENV),requirements/test.txt,torch 2.13.0 CPU with onnx and pytest: about 1 GB; a minute or two)
+REQUIREMENTS := $(wildcard requirements/*.txt)
+$(STAMP): $(REQUIREMENTS) pyproject.toml
+	$(call install_venv,$(VENV),requirements/test.txt,torch 2.13.0 CPU with ONNX and ExecuTorch and the test tools: about 2 GB; two or three minutes)
+
+# ONNX Runtime for Node.js, one of the runtimes the ONNX graph is tested in (skipped, saying so, without
+# node and npm). --ignore-scripts: its install script would download CUDA libraries it does not need here.
+NODE_STAMP := .node/.installed-stamp
+$(NODE_STAMP):
+	@if command -v npm > /dev/null && command -v node > /dev/null; then \
+	  echo "== .node: onnxruntime-node 1.30.0 (npm, about 300 MB)"; \
+	  npm install --prefix .node --ignore-scripts --no-audit --no-fund --silent onnxruntime-node@1.30.0 && touch $@; \
+	else echo "== no node and npm: the ONNX Runtime for Node.js test will be skipped"; fi
 
 venv: $(STAMP)
 
 ## Run the whole test suite (what CI runs).
-test: $(STAMP)
+test: $(STAMP) $(NODE_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+## The quick subset for a change to the Python core: no C++ builds, no slow tests.
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not cpp and not slow" $(PYTEST_ARGS)
 
 ## The suite again on the newest torch tested (2.14.1) in its own venv, .venv-latest.
 ## torch 2.14.1 is on this package index only as a CUDA build: the wheel and its nvidia-* libraries
@@ -44,7 +58,7 @@ LATEST_VENV ?= .venv-latest
 LATEST_PY := $(LATEST_VENV)/bin/python
 LATEST_STAMP := $(LATEST_VENV)/.installed-stamp
 
-$(LATEST_STAMP): requirements/latest.txt requirements/onnx.txt requirements/test-tools.txt requirements/nn4n.txt pyproject.toml
+$(LATEST_STAMP): $(REQUIREMENTS) pyproject.toml
 	$(call install_venv,$(LATEST_VENV),requirements/latest.txt,torch 2.14.1 CUDA build with its nvidia libraries: about 6 GB; several minutes)
 
 # The C++ tests build cpp/ against this torch's libtorch, a CUDA build: CMake configures it only with
@@ -86,7 +100,7 @@ EXAMPLE_STAMP := $(EXAMPLE_VENV)/.installed-stamp
 EXAMPLE_OUT ?= examples/out/neurogym_task.png
 EXAMPLE_ARGS ?=
 
-$(EXAMPLE_STAMP): requirements/example.txt requirements/nn4n.txt pyproject.toml
+$(EXAMPLE_STAMP): requirements/example.txt requirements/no-deps.txt pyproject.toml
 	$(call install_venv,$(EXAMPLE_VENV),requirements/example.txt,torch 2.13.0 CPU with neurogym and tqdm: about 1 GB; a minute or two)
 
 example: $(EXAMPLE_STAMP)

@@ -210,10 +210,13 @@ def bench_loss(t, b, n, device, rounds, compile_peers=True):
     if device == "cpu":
         try:
             import onnxruntime as ort
-            from rnnloss import export
+            from rnnloss.export.artifacts import REGISTRY, Build
+            from rnnloss.export.config import validate
             with tempfile.TemporaryDirectory() as d:
                 path = Path(d) / "loss.onnx"
-                export.export_onnx(loss, (pred[:5, :3], label[:5, :3], states[:5, :3]), path, opset=None)
+                config = validate({"model": {"dims": [3, n, 2]}})
+                onnx_entry = next(a for a in REGISTRY if a.name == "rnn_loss.onnx")
+                onnx_entry.write(Build(loss, config, (pred[:5, :3], label[:5, :3], states[:5, :3]), {}), path)
                 options = ort.SessionOptions()
                 # ORT's idle threads spin for a while after each run and would steal the 2 cores
                 # from whatever the interleaved bench runs next (the floor read 23 ms instead of 1.5).
@@ -314,11 +317,61 @@ def bench_training(t, b, n, device, rounds, cpp_program=None):
                       f"{times['scripted'] / ms:5.2f}x  (same run; its own task data, median after 5 steps)")
 
 
+def bench_executorch(t, b, n, rounds):
+    """The model's forward in ExecuTorch (ctrnn.pte, portable kernels) against eager and TorchScript, and one
+    SGD training step in ExecuTorch (ctrnn_train.pte with its training module) against eager: ratios, one run."""
+    try:
+        from executorch.extension.training import _load_for_executorch_for_training, get_sgd_optimizer
+        from executorch.runtime import Runtime
+    except ImportError as e:
+        print(f"\n(ExecuTorch not measured: {e})")
+        return
+    from rnnloss.export.artifacts import REGISTRY, Build, build, describe, sample_inputs
+    from rnnloss.export.config import validate
+    config = validate({"model": {"dims": [3, n, 2]}, "example": {"time": t, "batch": b},
+                       "executorch": {"time": t, "max_batch": max(b, 2)}})
+    loss = build(config)
+    entries = {a.name: a for a in REGISTRY}
+    x = torch.randn(t, b, 3)
+    target = torch.randn(t, b, 2)
+    with tempfile.TemporaryDirectory() as d:
+        build_ = Build(loss, config, sample_inputs(loss, t, b, 0), {**describe(config), "versions": {}, "created": ""})
+        for name in ("ctrnn.pte", "ctrnn_train.pte"):
+            entries[name].write(build_, Path(d) / name)
+        forward = Runtime.get().load_program(str(Path(d) / "ctrnn.pte")).load_method("forward")
+        trainer = _load_for_executorch_for_training(str(Path(d) / "ctrnn_train.pte"))
+    trainer.forward_backward("forward", [x, target])
+    sgd = get_sgd_optimizer(trainer.named_parameters(), 1e-4, 0, 0, 0, False)
+    scripted = torch.jit.script(loss.model)
+    eager_opt = torch.optim.SGD([p for p in loss.model.parameters() if p.requires_grad], lr=1e-4)
+
+    def eager_step():
+        eager_opt.zero_grad()
+        output, states = loss.model(x)
+        loss(output, target, states)[0].backward()
+        eager_opt.step()
+
+    def et_step():
+        trainer.forward_backward("forward", [x, target])
+        sgd.step(trainer.named_gradients())
+
+    with torch.no_grad():
+        fwd = interleaved({"eager": lambda: loss.model(x), "scripted": lambda: scripted(x),
+                           "executorch": lambda: forward.execute([x])}, rounds, "cpu")
+    steps = interleaved({"eager": eager_step, "executorch": et_step}, rounds, "cpu")
+    print(f"\nExecuTorch (portable kernels), (T, B, N) = ({t}, {b}, {n}), cpu:")
+    print(f"    model forward: eager {fmt(fwd['eager'])}, TorchScript {fmt(fwd['scripted'])}, ExecuTorch "
+          f"{fmt(fwd['executorch'])}  executorch/eager {fwd['executorch'] / fwd['eager']:5.2f}x  "
+          f"executorch/scripted {fwd['executorch'] / fwd['scripted']:5.2f}x")
+    print(f"    SGD training step: eager {fmt(steps['eager'])}, ExecuTorch {fmt(steps['executorch'])}  "
+          f"executorch/eager {steps['executorch'] / steps['eager']:5.2f}x")
+
+
 def cpp_step_seconds(cpp_program, engine, loss, t, b, device, rounds):
     """Median training-step time of ``train_ctrnn --engine ENGINE`` on ``loss`` (or why it failed)."""
     import re
     import subprocess
-    from rnnloss.native import NATIVE, save_native
+    from rnnloss.export.native import NATIVE, save_native
     from rnnloss.trainer import CTRNNTrainer
     with tempfile.TemporaryDirectory() as d:
         if engine == "native":
@@ -340,7 +393,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--sizes", nargs="*", help="T,B,N triples (default depends on the device)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile peers (compiling takes minutes)")
-    parser.add_argument("--cpp", default=str(Path(__file__).resolve().parents[1] / "build" / "train_ctrnn"),
+    parser.add_argument("--cpp", default=str(Path(__file__).resolve().parents[1] / "cpp" / "build" / "train_ctrnn"),
                         help="the built train_ctrnn program for the C++ training-step timing ('' to skip)")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -357,6 +410,8 @@ def main():
         cpp = None
     for t, b, n in [(100, 16, 64), (100, 64, 256)]:
         bench_training(t, b, n, args.device, max(3, args.rounds // 3), cpp)
+    if args.device == "cpu":
+        bench_executorch(50, 8, 64, max(3, args.rounds // 3))
 
 
 if __name__ == "__main__":

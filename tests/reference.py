@@ -1,11 +1,13 @@
 """Independent float64 references: the formulas of the loss and the CTRNN (docs/design.md), written
-out with NumPy and math.fsum.
+out with NumPy and math.fsum (values) or as naive torch float64 operations (for autograd: gradients and
+second order).
 
 Nothing here imports rnnloss: these are the formulas as stated, not the package's code.
 """
 import math
 
 import numpy as np
+import torch
 
 NAMES = ("mse", "in", "hid", "out", "fr", "fr_sd", "fr_cv")
 
@@ -19,7 +21,21 @@ def mean_of_squares(a):
     return math.fsum(float(v) * float(v) for v in a) / a.size
 
 
-def loss_components(pred, label, states, w_in, w_hid, w_out, lambdas):
+def weighted_mse(pred, label, mask=None):
+    """Σ w·(pred − label)² / Σ w (0 when Σ w = 0); a mask shaped like pred without its last axis weighs
+    every output of its sample. Without a mask: the plain mean."""
+    p, y = f64(pred), f64(label)
+    e2 = (p - y) ** 2
+    if mask is None:
+        return math.fsum(e2.ravel()) / p.size
+    w = f64(mask)
+    if w.ndim < p.ndim:
+        w = np.broadcast_to(w[..., None], p.shape)
+    den = math.fsum(w.ravel())
+    return 0.0 if den == 0 else math.fsum((w * e2).ravel()) / den
+
+
+def loss_components(pred, label, states, w_in, w_hid, w_out, lambdas, mask=None):
     """The seven λ-weighted components as a list of Python floats."""
     p, y = f64(pred), f64(label)
     assert p.shape == y.shape
@@ -27,7 +43,7 @@ def loss_components(pred, label, states, w_in, w_hid, w_out, lambdas):
     n_hid, n_in = w_in.shape
     n_out = w_out.shape[0]
     raw = [0.0] * 7
-    raw[0] = math.fsum(((p - y) ** 2).ravel()) / p.size
+    raw[0] = weighted_mse(p, y, mask)
     raw[1] = math.fsum((w_in ** 2).ravel()) / (n_in * n_hid)
     raw[2] = math.fsum((w_hid ** 2).ravel()) / (n_hid * n_hid)
     raw[3] = math.fsum((w_out ** 2).ravel()) / (n_out * n_hid)
@@ -47,6 +63,23 @@ def loss_components(pred, label, states, w_in, w_hid, w_out, lambdas):
             raw[6] = sigma / mu
     lam = [float(v) for v in lambdas]
     return [l * v if l != 0.0 else 0.0 for l, v in zip(lam, raw)]
+
+
+def formula_components(pred, label, states, w_in, w_hid, w_out, lambdas, mask=None):
+    """The seven λ-weighted components written out naively in torch (float64 in, float64 out), so that
+    autograd differentiates the formulas themselves, to any order."""
+    if mask is None:
+        mse = ((pred - label) ** 2).mean()
+    else:
+        w = mask if mask.dim() == pred.dim() else mask.unsqueeze(-1).expand(pred.shape)
+        mse = (w * (pred - label) ** 2).sum() / w.sum()
+    r = states.reshape(-1, states.shape[-1])
+    means = r.mean(0)
+    mu = r.mean()
+    sigma = ((means - mu) ** 2).mean().sqrt()
+    raw = torch.stack([mse, (w_in ** 2).mean(), (w_hid ** 2).mean(), (w_out ** 2).mean(), (r ** 2).mean(),
+                       sigma, sigma / mu])
+    return raw * lambdas
 
 
 def activation(name, v):

@@ -25,17 +25,19 @@ from pathlib import Path
 
 import pytest
 
-from test_cli import child_env, names, one_line, write_fake_export
+from cases import child_env, names, one_line, write_fake_export
 
-pytestmark = pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0,
-                                reason="needs root, to switch to an unprivileged uid (root itself ignores file "
-                                       "permissions)")
+pytestmark = [pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0,
+                                 reason="needs root, to switch to an unprivileged uid (root itself ignores file "
+                                        "permissions)"),
+              pytest.mark.slow]  # each test runs the command in a child process that imports torch: 3-4 s
 
 DENIED = os.strerror(errno.EACCES)
 SKIP = 77
 CHILD = textwrap.dedent("""
     import os, sys
-    from rnnloss import config, export
+    import torch  # imported as root: the interpreter may live where the user cannot read
+    from rnnloss.export import artifacts, cli, config, install, native, parity
     config.default_config()  # read (and cached) as root: the checkout may be private to root (mktemp -d)
     uid, gid, area = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     try:
@@ -57,7 +59,7 @@ CHILD = textwrap.dedent("""
     else:
         print(f"uid {uid} may still write a root-owned folder of mode 0755")
         sys.exit(77)
-    sys.exit(export.main(sys.argv[4:]))
+    sys.exit(cli.main(sys.argv[4:]))
 """)
 
 

@@ -1,5 +1,4 @@
 """Interoperability with the real nn4n 1.1.1: its own checkpoints load and reproduce it."""
-import numpy as np
 import pytest
 import torch
 
@@ -7,7 +6,7 @@ from rnnloss import CTRNN, RNNLoss
 from rnnloss.nn4n import NN4NCheckpointError
 
 nn4n_model = pytest.importorskip("nn4n.model", reason="nn4n 1.1.1 is a test requirement (requirements/nn4n.txt)")
-nn4n_criterion = pytest.importorskip("nn4n.criterion")
+nn4n_criterion = pytest.importorskip("nn4n.criterion", reason="nn4n 1.1.1 is a test requirement (requirements/nn4n.txt)")
 
 DIMS = [3, 12, 2]
 

@@ -4,15 +4,13 @@ pyproject.toml ignores that notice (a DeprecationWarning in torch 2.13, a Future
 the tests that script a module to check something else. These tests are about the notice itself;
 ``pytest.warns`` records every warning whatever the configured filters.
 """
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-import rnnloss
+from cases import child_env
 from rnnloss import CTRNN, RNNLoss
 
 
@@ -31,9 +29,11 @@ def test_scripting_saving_and_loading_the_loss_show_torchs_deprecation_notice(tm
 def test_importing_the_package_installs_no_warning_filter():
     # In a fresh interpreter: torch first (whatever it sets up), then every module of the package.
     code = ("import warnings, torch; before = list(warnings.filters); "
-            "import rnnloss, rnnloss.config, rnnloss.export, rnnloss.nn4n, rnnloss.parity, rnnloss.trainer; "
+            "import rnnloss, rnnloss.loss, rnnloss.model, rnnloss.terms, rnnloss.ratesums, rnnloss.rules, "
+            "rnnloss.nn4n, rnnloss.trainer, rnnloss.export, rnnloss.export.cli, rnnloss.export.config, "
+            "rnnloss.export.artifacts, rnnloss.export.parity, rnnloss.export.native, rnnloss.export.install; "
             "added = [f for f in warnings.filters if f not in before]; "
             "assert not added, added")
-    env = dict(os.environ, PYTHONPATH=str(Path(rnnloss.__file__).parents[1]))
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True, text=True,
+                            timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_model
+from cases import make_model
 from reference import ctrnn_run
 from rnnloss import CTRNN
 from rnnloss.model import ACTIVATIONS

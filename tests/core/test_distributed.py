@@ -8,10 +8,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from cases import ALL_ON, ROOT
 from rnnloss import CTRNN, RNNLoss
-
-ALL_ON = dict(lambda_mse=1.0, lambda_in=0.3, lambda_hid=0.5, lambda_out=0.7,
-              lambda_fr=0.11, lambda_fr_sd=0.13, lambda_fr_cv=0.17)
 T, BATCH, DIMS = 6, 8, (3, 10, 2)
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -126,11 +124,10 @@ def test_sync_stats_false_scripts_and_exports_as_before(tmp_path):
 def test_ddp_example_runs_with_torchrun(tmp_path):
     import socket
     import subprocess
-    from pathlib import Path
     with socket.socket() as s:  # a free port on the loopback for torchrun's rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    example = Path(__file__).resolve().parents[1] / "examples" / "ddp_train.py"
+    example = ROOT / "examples" / "ddp_train.py"
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                              f"--master_port={port}", str(example), "--steps", "40", "--global-batch", "9",
                              "--out", str(tmp_path / "ddp.pt")], capture_output=True, text=True, timeout=300)
