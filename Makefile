@@ -90,7 +90,7 @@ cpp: $(STAMP) $(OUT)/rnnloss_native.pt
 	$(CPP_BUILD)/train_ctrnn $(OUT) --engine $(ENGINE) --steps $(STEPS) --device cpu --out $(CPP_BUILD)/ctrnn_trained_$(ENGINE).pt
 
 clean:
-	rm -rf build $(CPP_BUILD) $(OUT) .pytest_cache examples/out
+	rm -rf build $(CPP_BUILD) $(OUT) site .pytest_cache examples/out
 
 ## The neurogym example in its own venv (neurogym pins numpy 2.2). The figure goes to
 ## EXAMPLE_OUT, which git ignores; `make example EXAMPLE_OUT=docs/neurogym_task.png` refreshes the
@@ -105,6 +105,17 @@ $(EXAMPLE_STAMP): requirements/example.txt requirements/no-deps.txt pyproject.to
 
 example: $(EXAMPLE_STAMP)
 	$(EXAMPLE_VENV)/bin/python examples/neurogym_task.py --out $(EXAMPLE_OUT) $(EXAMPLE_ARGS)
+
+## The documentation site, from docs/ into site/ (warnings are errors); its own small venv (no torch).
+DOCS_VENV ?= .venv-docs
+DOCS_STAMP := $(DOCS_VENV)/.installed-stamp
+$(DOCS_STAMP): requirements/docs.txt
+	test -x $(DOCS_VENV)/bin/python || $(PYTHON) -m venv $(DOCS_VENV)
+	$(DOCS_VENV)/bin/python -m pip install $(PIP_FLAGS) -r requirements/docs.txt
+	touch $@
+
+docs: $(DOCS_STAMP)
+	$(DOCS_VENV)/bin/mkdocs build --strict --site-dir site
 
 ## Benchmarks: ratios against the memory floor and a naive transcription, measured in one run.
 bench: $(STAMP)

@@ -224,7 +224,7 @@ def test_an_export_with_learned_alpha_init_state_noise_batch_first_and_a_mask_pa
     from rnnloss.export.cli import run
     config = validate({"model": {"dims": [2, 8, 2], "activation": "tanh", "learn_alpha": True,
                                  "init_state": "learn", "preact_noise": 0.1, "batch_first": True},
-                       "example": {"time": 4, "batch": 2}, "mask": True})
+                       "example": {"time": 4, "batch": 2}, "executorch": {"time": 4, "max_batch": 4}, "mask": True})
     assert run(config, tmp_path / "a", force=False, device="cpu") == 0
     manifest = manifest_of(tmp_path / "a")
     assert manifest["inputs"]["mask"] == ["batch", "time", 2] and manifest["inputs"]["pred"] == ["batch", "time", 2]
@@ -240,7 +240,8 @@ def test_artifact_size_follows_the_weights(tmp_path):
     # metadata (27-90 KB for a tiny model, measured), so 256 KiB is a generous constant. Three N_hid x N_hid
     # placeholder masks per file would give ~4.2 MB.
     from rnnloss.export.cli import run
-    config = validate({"model": {"dims": [3, 512, 2]}, "example": {"time": 3, "batch": 2}})
+    config = validate({"model": {"dims": [3, 512, 2]}, "example": {"time": 3, "batch": 2},
+                       "executorch": {"time": 3, "max_batch": 2}})
     assert run(config, tmp_path / "big", force=False, device="cpu") == 0
     weights = sum(t.numel() * t.element_size() for t in artifacts.build(config).model.state_dict().values())
     sizes = {name: (tmp_path / "big" / name).stat().st_size for name in manifest_of(tmp_path / "big")["sha256"]}

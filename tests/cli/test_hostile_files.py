@@ -230,4 +230,4 @@ def test_verify_fails_a_hostile_artifact_within_seconds_naming_it(case, copy_of,
     found = [line for line in out.splitlines() if line.startswith("FAILED ")]
     assert found and all(line.startswith(f"FAILED {name}: ") for line in found), found
     if case == "fifo_artifact":
-        assert found == [f"FAILED {name}: missing (listed in manifest.json)"]
+        assert found == [f"FAILED {name}: not a regular file (not read)"]

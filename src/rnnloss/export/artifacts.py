@@ -336,6 +336,12 @@ REGISTRY: Tuple[Artifact, ...] = (
 )
 
 
+def wanted(config: Dict[str, Any]) -> Tuple[Artifact, ...]:
+    """The artifacts an export of ``config`` writes: the registry, less the ExecuTorch programs with
+    ``"executorch": null``."""
+    return tuple(a for a in REGISTRY if config["executorch"] is not None or "executorch" not in a.needs)
+
+
 def check_all(folder: Path, config: Dict[str, Any], devices: Sequence[str], artifacts=REGISTRY,
               progress: Callable[[str], None] = lambda line: None) -> List[Row]:
     """Every artifact's parity rows on every device (ONNX Runtime's CUDA provider where it is installed)."""

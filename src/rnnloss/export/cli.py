@@ -117,12 +117,12 @@ def run(config: Dict[str, Any], out: Path, *, force: bool, device: str, keep_rej
     """Export, check parity, print the table, install; 0 when every check passes, 1 when one fails.
     User-fixable problems raise (:class:`UserError`, ``InTheWay``, ``OSError`` ...)."""
     from . import install
-    from .artifacts import REGISTRY
+    from .artifacts import wanted
     stream = stream or sys.stdout
     out = Path(out)
     real = install.resolve_out(out)
     install.check_target(real, f"--out {out}", force)  # before the minutes of exporting
-    require(sorted({m for a in REGISTRY for m in a.needs}))
+    require(sorted({m for a in wanted(config) for m in a.needs}))
     check_resources(config, install.existing_ancestor(real.parent))
     with _parents_made(real.parent), install.Workspace(real, use_exchange=use_exchange) as ws:
         manifest = write_all(config, ws.tmp, progress)
@@ -146,7 +146,7 @@ def write_all(config: Dict[str, Any], folder: Path, progress: Callable[[str], No
     """Every artifact of the registry into ``folder``; returns the manifest (without parity results)."""
     import torch
 
-    from .artifacts import REGISTRY, Build, build, describe, sample_inputs
+    from .artifacts import Build, build, describe, sample_inputs, wanted
     from .folder import sha256
     loss = build(config)
     ex = config["example"]
@@ -160,10 +160,10 @@ def write_all(config: Dict[str, Any], folder: Path, progress: Callable[[str], No
     created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     metadata = {**describe(config), "versions": versions, "created": created}
     b = Build(loss, config, example, metadata)
-    for artifact in REGISTRY:  # the ONNX graph first: it sets "opset", which every artifact then records
+    for artifact in wanted(config):  # the ONNX graph first: it sets "opset", which every artifact records
         artifact.write(b, folder / artifact.name)
         progress(f"wrote {artifact.name} ({(folder / artifact.name).stat().st_size / 2**20:.1f} MiB)")
-    return {**metadata, "sha256": {a.name: sha256(folder / a.name) for a in REGISTRY}}
+    return {**metadata, "sha256": {a.name: sha256(folder / a.name) for a in wanted(config)}}
 
 
 def _devices(choice: str) -> List[str]:
@@ -172,8 +172,8 @@ def _devices(choice: str) -> List[str]:
 
 
 def _parity(folder: Path, config: Dict[str, Any], device: str, progress, names=None):
-    from .artifacts import REGISTRY, check_all
-    chosen = [a for a in REGISTRY if names is None or a.name in names]
+    from .artifacts import check_all, wanted
+    chosen = [a for a in wanted(config) if names is None or a.name in names]
     return check_all(folder, config, _devices(device), chosen, progress)
 
 
@@ -218,11 +218,12 @@ def verify(folder: Path, *, device: str, stream=None, progress=lambda line: None
         raise UserError(f"--verify {folder}: the config in {MANIFEST} is invalid: {e}") from None
     except OSError as e:
         raise UserError(f"--verify {folder}: cannot read {e.filename}: {e.strerror}") from None
-    from .artifacts import REGISTRY
-    require(sorted({m for a in REGISTRY for m in a.needs}))
+    from .artifacts import wanted
+    require(sorted({m for a in wanted(config) for m in a.needs}))
     bad = {p.split(":")[0] for p in problems}
-    problems += [f"{a.name}: not listed in {MANIFEST}'s sha256 table" for a in REGISTRY if a.name not in manifest["sha256"]]
-    intact = [a for a in REGISTRY if a.name in manifest["sha256"] and a.name not in bad]
+    problems += [f"{a.name}: not listed in {MANIFEST}'s sha256 table" for a in wanted(config)
+                 if a.name not in manifest["sha256"]]
+    intact = [a for a in wanted(config) if a.name in manifest["sha256"] and a.name not in bad]
     problems += manifest_problems(folder, manifest, config, intact)
     rows = _parity(folder, config, device, progress, {a.name for a in intact})
     from .parity import format_table

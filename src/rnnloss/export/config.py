@@ -151,8 +151,13 @@ def validate(raw: Any) -> Dict[str, Any]:
         if callable(spec):
             config[section] = spec(section, value)
             continue
+        if value is None and section == "executorch":  # no ExecuTorch programs (a machine without executorch)
+            config[section] = None
+            continue
         if not isinstance(value, dict):
-            raise ConfigError(section, f"expected an object, got {_show(value)}")
+            raise ConfigError(section, f"expected an object{' or null' if section == 'executorch' else ''}, "
+                                       f"got {_show(value)}")
+        config[section] = config[section] or default_config()[section]
         for key, item in value.items():
             if key not in spec:
                 raise ConfigError(f"{section}.{key}", _unknown(f"{section}.{key}", spec))

@@ -191,7 +191,8 @@ def check_loss(c, device: str) -> Row:
         ex = c.config["executorch"]
         shapes = sorted({(1, 1), (ex["time"], 1), (1, ex["max_batch"]), (ex["time"], ex["max_batch"]),
                          (max(1, ex["time"] // 2), min(5, ex["max_batch"]))})
-        compare_loss(row, c.eager, lambda *xs: method(xs), None, c.loss_inputs(600), shapes)
+        compare_loss(row, c.eager, lambda *xs: method([x.contiguous() for x in xs]), None, c.loss_inputs(600),
+                     shapes)  # ExecuTorch takes contiguous tensors only (batch-first rates are a transposed view)
     return run_row(Row("rnn_loss.pte", "executorch", device), body)
 
 
