@@ -20,16 +20,16 @@ torch.export   (and so ONNX, ExecuTorch) the rates cast to float64 first: other 
                Runtime) add long reductions one element at a time, which in float32 misses the bound.
 ============== ====================================================================================
 
-:func:`sums` reads the sample axes in memory order (a batch-first view needs no copy; rates not
-contiguous in any order of their sample axes are copied once, 1x the rates). On the CPU it takes
+:func:`sums` reads the sample axes in memory order (a batch-first view needs no copy). On the CPU it takes
 blocks of about 2^20 rates (4 MiB of float32), each read twice back to back — Σ r² as squared row
 norms (no temporary; up to 1024 neurons, where torch's float32 row norm is still exact to 1e-7),
 else Σ b·b in the block — and the column sums over groups of 1024 rows in the rates' dtype, so that
 the second read comes from the cache; block results are added in float64. A single CPU block sums
 its columns in float64 (equal neurons keep equal sums, so σ = 0 stays exactly 0). On a GPU a kernel
-launch costs about as much as reading 2^24 rates: float32 rates of 16 neurons or more are one block
-(row norms there are tree reductions, accurate at any width; the float64 norms then take at most 1/8
-of the rates' memory); other rates blocks of 2^24, which bounds every temporary.
+launch costs about as much as reading 2^24 rates: float32 rates of 16 neurons or more (float16 32) are
+one block (row norms there are tree reductions, accurate at any width; the float64 norms then take at
+most 1/8 of the rates' memory); other rates blocks of 2^24, which bounds every temporary. Rates that
+must be copied (a neuron subset, a neuron-major buffer) are copied once, whole.
 """
 from typing import List, Tuple
 
@@ -81,8 +81,8 @@ def sums(states: Tensor, need_sq: bool, need_col: bool) -> Tuple[Tensor, Tensor]
     if cpu:
         step = max(1, 1048576 // n)
         step = step // 1024 * 1024 if step >= 2048 else step  # whole groups of neuron_sums
-    else:  # one block where its temporaries (8 bytes a sample, the group sums) stay within 1/8 of the rates
-        whole = norms and acc == rows.dtype and n >= 16 and rows.size(0) >= 16384
+    else:  # one block where the float64 row norms (8 bytes a sample) stay within 1/8 of the rates
+        whole = norms and n * rows.element_size() >= 64
         step = rows.size(0) if whole else max(1, 16777216 // n)
     sq = torch.zeros((), dtype=torch.float64, device=rows.device)
     col = sq
@@ -134,16 +134,21 @@ def _scripted_sums(states: Tensor, need_sq: bool, need_col: bool) -> Tuple[Tenso
     if not torch.is_grad_enabled():
         return sq, col
     rows = rows_of(states).to(accumulation_dtype(states))
-    if need_col:
-        c = rows.sum(0)
+    c, q = _surrogates(rows, need_sq, need_col)
+    if rows.device.type == "cpu" and not bool(torch.isfinite(q) & torch.isfinite(c).all()):
+        c, q = _surrogates(rows.to(torch.float64), need_sq, need_col)  # a float32 sum overflowed: q - q is NaN
+    if need_col:                                                         # (free to ask on the CPU; a GPU gives NaN)
         col = col + (c - c.detach()).to(torch.float64)
     if need_sq:
-        q = F.mse_loss(rows, rows.new_zeros((1, 1)).expand(rows.shape), reduction="sum")
-        if rows.device.type == "cpu" and not bool(torch.isfinite(q)):  # q - q would be NaN: float64 (free to
-            rows64 = rows.to(torch.float64)                                # ask on the CPU; a GPU gives NaN here)
-            q = F.mse_loss(rows64, rows64.new_zeros((1, 1)).expand(rows64.shape), reduction="sum")
         sq = sq + (q - q.detach()).to(torch.float64)
     return sq, col
+
+
+def _surrogates(rows: Tensor, need_sq: bool, need_col: bool) -> Tuple[Tensor, Tensor]:
+    """The per-neuron sums (first, see above) and Σ r² of (samples, N) rows by stock operations; 0 if not wanted."""
+    c = rows.sum(0) if need_col else rows.new_zeros(())
+    q = F.mse_loss(rows, rows.new_zeros((1, 1)).expand(rows.shape), reduction="sum") if need_sq else rows.new_zeros(())
+    return c, q
 
 
 class _RateSums(torch.autograd.Function):

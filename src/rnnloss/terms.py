@@ -69,7 +69,7 @@ def error_sums(pred: Tensor, label: Tensor, mask: Optional[Tensor] = None) -> Tu
     Example::
 
         >>> error_sums(torch.tensor([1.0, 3.0]), torch.tensor([0.0, 1.0]), torch.tensor([1.0, 0.0]))
-        (tensor(1.), tensor(1.))
+        (tensor(1., dtype=torch.float64), tensor(1., dtype=torch.float64))
     """
     acc = torch.float64 if _exporting() else torch.promote_types(accumulation_dtype(pred), accumulation_dtype(label))
     p, y = pred.to(acc), label.to(acc)

@@ -193,12 +193,20 @@ def test_per_sample_gradients_with_torch_func_equal_a_loop_over_samples():
                 torch.testing.assert_close(batched[name][b], p.grad, rtol=1e-10, atol=1e-14, msg=name)
 
 
+# TorchScript's optimising executor runs, from a module's third call, a specialised graph that differentiates
+# itself instead of going through autograd; torch.func's forward mode (jvp, and so jvp of grad and hessian)
+# cannot see through it and gets zeros. An upstream limitation of every scripted module, documented (docs:
+# design, known limits): pinned as an expected failure, strictly, so that a torch that lifts it shows here.
+UPSTREAM_JVP = pytest.mark.xfail(strict=True, reason="TorchScript's optimised graph hides forward-mode AD from "
+                                 "torch.func (upstream); exact under torch.jit.optimized_execution(False)")
+
+
+@pytest.mark.parametrize("optimised", [True, False], ids=["default_executor", "optimized_execution_off"])
 @pytest.mark.parametrize("transform", ["grad", "vjp", "jvp"])
-def test_first_order_torch_func_on_the_scripted_module_equals_eager_on_every_call(transform):
-    # First-order transforms must be exact on a scripted module, on its first calls and after TorchScript's
-    # profiling executor has specialised the graph (from the second or third call on). (Higher-order
-    # transforms of a scripted module — jvp of grad, hessian — go through TorchScript's own autodiff, a known
-    # upstream limitation, and are not tested; vmap cannot run TorchScript at all.)
+def test_first_order_torch_func_on_the_scripted_module_equals_eager_on_every_call(transform, optimised, request):
+    # grad and vjp are exact on every call; jvp only with TorchScript's optimisation off (see UPSTREAM_JVP).
+    if transform == "jvp" and optimised:
+        request.applymarker(UPSTREAM_JVP)
     from torch import func
     eager = RNNLoss(make_model((3, 5, 2), dtype=torch.float64), **ALL_ON)
     scripted = script_roundtrip(eager)
@@ -214,5 +222,6 @@ def test_first_order_torch_func_on_the_scripted_module_equals_eager_on_every_cal
         return func.jvp(f, (states,), (tangent,))[1]
 
     want = derivative(eager)
-    for call in range(5):
-        torch.testing.assert_close(derivative(scripted), want, rtol=1e-10, atol=1e-14, msg=f"call {call + 1}")
+    with torch.jit.optimized_execution(optimised):
+        for call in range(5):
+            torch.testing.assert_close(derivative(scripted), want, rtol=1e-10, atol=1e-14, msg=f"call {call + 1}")

@@ -167,14 +167,18 @@ _META_LAYOUTS = {
 }
 
 
+_COPIED = ("neuron_subset_of_one_sequence", "neuron_major_buffer")  # no view reads them as (samples, N) rows
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16],
                          ids=["float32", "float64", "float16", "bfloat16"])
 @pytest.mark.parametrize("layout", list(_META_LAYOUTS))
 def test_gpu_recipe_reads_narrow_rates_whole_and_bounds_every_temporary(dtype, layout):
     # Off the CPU the rates are taken in few, large blocks (a kernel launch costs about as much as reading
-    # 2^24 rates): float32/16 rates in one pass of row norms, float64 in blocks of 2^24 rates. No temporary —
-    # a copy, a cast, b·b, per-sample norms, a stack of block sums — may grow with the whole tensor: each
-    # stays within 1/8 of the rates or a float64 block of 2^24 rates (128 MiB).
+    # 2^24 rates): float32/16 rates in one pass of row norms where the float64 norms (8 bytes a sample) stay
+    # within 1/8 of the rates (16 float32 neurons, 32 float16), else and for float64 in blocks of 2^24 rates.
+    # No temporary but the one copy of rates that no view can read (a neuron subset, a neuron-major buffer)
+    # may grow with the whole tensor: each stays within 1/8 of the rates or a float64 block of 2^24 rates.
     states = _META_LAYOUTS[layout](dtype)
     with _Allocations() as spy:
         sumsq, colsum = ratesums.sums(states, True, True)
@@ -182,8 +186,12 @@ def test_gpu_recipe_reads_narrow_rates_whole_and_bounds_every_temporary(dtype, l
     norms = [op for _, op in spy.seen if "linalg_vector_norm" in op]
     if dtype == torch.float64:
         assert norms == [] and all(b <= 8 << 24 for b, op in spy.seen if op.startswith("aten.mul"))
-    else:
+    elif states.size(-1) * states.element_size() >= 64:
         assert len(norms) == 1  # one read of every rate, however many there are
     rates = states.numel() * states.element_size()
-    largest, op = max(spy.seen)
+    copied = [b for b, op in spy.seen if op.startswith(("aten.clone", "aten._unsafe_view", "aten.view"))
+              or op == "aten.reshape.default"]
+    others = [(b, op) for b, op in spy.seen if b not in copied or b != rates]
+    assert len([b for b in copied if b == rates]) <= (1 if layout in _COPIED else 0), (layout, spy.seen)
+    largest, op = max(others)
     assert largest <= max(rates // 8, 8 << 24), (largest, op, rates)

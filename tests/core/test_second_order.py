@@ -7,7 +7,8 @@ Two independent checks:
 
 The scripted module is checked through autograd's double backward, over several calls (TorchScript's profiling
 executor specialises the graph after the first ones). Higher-order torch.func transforms of a scripted module
-(jvp of grad, hessian) go through TorchScript's own autodiff, a known upstream limitation: not tested here.
+(jvp of grad, hessian) go through TorchScript's own autodiff from the third call, a known upstream limitation:
+they are tested with TorchScript's optimisation off, under which they see autograd and are exact.
 """
 import pytest
 import torch
@@ -170,3 +171,23 @@ def test_forward_over_reverse_hessian_of_the_eager_loss_equals_autograd_of_the_f
     ref = torch.autograd.functional.hessian(
         lambda s: formula_components(pred, label, s, *weights, lambda_vector(range(7))).sum(), states)
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("scripted", [False, True], ids=["eager", "scripted"])
+@pytest.mark.parametrize("active", COVERING, ids=subset_id)
+def test_torch_func_second_order_equals_autograd_of_the_formulas(active, scripted):
+    # hessian and jvp of grad, several calls each. The scripted module runs with TorchScript's optimisation
+    # off, under which torch.func sees autograd (docs: design, known limits): never zeros there.
+    from torch.func import grad, hessian, jvp
+    loss, pred, label, states, weights = _setup(active)
+    module = script_roundtrip(loss) if scripted else loss
+    tangent = torch.randn(states.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    formula = lambda s: formula_components(pred, label, s, *weights, lambda_vector(active)).sum()  # noqa: E731
+    ref = torch.autograd.functional.hessian(formula, states)
+    f = lambda s: module(pred, label, s)[0]  # noqa: E731
+    with torch.jit.optimized_execution(False):
+        for _ in range(3):
+            torch.testing.assert_close(hessian(f)(states), ref, rtol=1e-10, atol=1e-14)
+            hvp = jvp(grad(f), (states,), (tangent,))[1]
+            torch.testing.assert_close(hvp, (ref.reshape(states.numel(), -1) @ tangent.reshape(-1)).reshape(
+                states.shape), rtol=1e-10, atol=1e-14)
