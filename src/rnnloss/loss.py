@@ -11,7 +11,7 @@ from .model import CTRNN
 from .ratesums import accumulation_dtype
 from .rules import (COMPONENT_NAMES, LAMBDA_NAMES, Rule, Term, check_float_tensor, check_lambda, dtype_name, error,
                     float32_max, head, shape_of)
-from .terms import Flags, Stats, components, statistics
+from .terms import Flags, Stats, compiling, components, exporting, statistics
 
 
 class RNNLoss(nn.Module):
@@ -34,18 +34,14 @@ class RNNLoss(nn.Module):
     the submodule ``model``. A component whose λ is 0 at construction is *inactive*: never
     computed, its entry exactly 0; the active set is fixed, which keeps exported graphs static.
 
-    λ live in the float64 buffer ``lambdas`` (shape [7]): they move with ``.to(device)``, stay float64
-    under ``.float()`` / ``.half()`` (float64 inputs get λ exactly), are saved in ``state_dict`` and
-    can be changed for annealing with :meth:`set_lambda`. They are checked where they are written:
-    the constructor, :meth:`set_lambda`, ``load_state_dict`` and the exports refuse a negative, NaN,
-    bool or beyond-float32 λ, or a non-zero λ of an inactive component. ``forward`` checks the
-    buffer's dtype and shape, and its values — on the CPU before computing; elsewhere without a
-    host–device synchronisation, as a device-side assertion (TorchScript drops those: a scripted
-    module off the CPU returns NaN instead).
+    λ live in the float64 buffer ``lambdas`` (shape [7]; moves with ``.to(device)``, stays float64
+    under ``.half()``, saved in ``state_dict``; :meth:`set_lambda` anneals). They are checked where they
+    are written — the constructor, :meth:`set_lambda`, ``load_state_dict``, the exports — and by
+    ``forward``: on the CPU before computing, elsewhere as a device-side assertion (no host–device
+    synchronisation; a scripted module, where TorchScript drops those, returns NaN instead).
 
     With ``sync_stats=True`` the sums behind mse, fr, fr_sd and fr_cv are all-reduced over
-    ``process_group`` (default: the world) so that every rank computes the global batch's loss
-    (eager only).
+    ``process_group`` (default: the world), so every rank computes the global batch's loss (eager only).
 
     Shape:
         - pred, label: any shape, identical (no broadcasting); commonly (T, B, N_out).
@@ -169,68 +165,29 @@ class RNNLoss(nn.Module):
             name = self.component_names[i]
             check_lambda("lambdas[{}] ('{}')".format(i, name), values[i], self._on[i], name)
 
-    def _lambdas(self) -> Tensor:
-        """The λ buffer, checked as the class docstring says (values off the CPU: on the device)."""
-        lam = self.lambdas
-        if lam.device.type == "cpu" and not _compiling():
-            self.check_lambdas()
-            return lam
-        if lam.dtype != torch.float64 or lam.dim() != 1 or lam.size(0) != 7:
-            raise ValueError(Rule.LAMBDAS_BUFFER.value.format(dtype_name(lam), shape_of(lam)))
-        if _exporting():  # constants of the graph, checked by the export
-            return lam
-        ok = (lam >= 0.0) & (lam <= float32_max())
-        for i in self._inactive:
-            ok[i] = ok[i] & (lam[i] == 0.0)
-        return _refuse_on_device(ok.all(), Rule.LAMBDAS_VALUES.value, lam)
-
-    def _check_inputs(self, pred: Tensor, label: Tensor, states: Optional[Tensor], mask: Optional[Tensor]) -> None:
-        check_float_tensor(pred, "pred")
-        check_float_tensor(label, "label")
-        traced = _exporting()  # sizes are symbols then: the exported graphs check them themselves
-        if not traced and pred.shape != label.shape:
-            raise ValueError(Rule.LABEL_SHAPE.value.format(shape_of(pred), shape_of(label)))
-        if label.device != pred.device:
-            raise ValueError(Rule.DEVICE.value.format("label", "pred", str(pred.device), str(label.device)))
-        if states is not None:
-            check_float_tensor(states, "states")
-            if states.device != pred.device:
-                raise ValueError(Rule.DEVICE.value.format("states", "pred", str(pred.device), str(states.device)))
-            if states.dim() == 0 or (not traced and states.size(-1) != self.n_hid):
-                raise ValueError(Rule.STATES_LAST_DIM.value.format(self.n_hid, shape_of(states)))
-        elif self._on[Term.FR.value] or self._on[Term.FR_SD.value] or self._on[Term.FR_CV.value]:
-            raise ValueError(Rule.STATES_MISSING.value)
-        if mask is not None:
-            if mask.is_complex():
-                raise TypeError(Rule.MASK_DTYPE.value.format(dtype_name(mask)))
-            if not traced and mask.shape != pred.shape and mask.shape != pred.shape[:-1]:
-                raise ValueError(Rule.MASK_SHAPE.value.format(shape_of(pred), shape_of(pred)[:-1], shape_of(mask)))
-            if mask.device != pred.device:
-                raise ValueError(Rule.DEVICE.value.format("mask", "pred", str(pred.device), str(mask.device)))
-        w_in = self.model.recurrent_layer.input_layer.weight
-        weights_on = self._on[Term.IN.value] or self._on[Term.HID.value] or self._on[Term.OUT.value]
-        if weights_on and w_in.device != pred.device:
-            raise ValueError(Rule.DEVICE.value.format("pred", "the model", str(w_in.device), str(pred.device)))
-
     def forward(self, pred: Tensor, label: Tensor, states: Optional[Tensor] = None,
                 mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """Return ``(total, components)``; see the class docstring."""
-        self._check_inputs(pred, label, states, mask)
+        check_inputs(pred, label, states, mask, self.n_hid, self._on, self.model.recurrent_layer.input_layer.weight)
         if mask is not None:
             if not mask.is_floating_point():  # integer or bool weights
                 mask = mask.to(accumulation_dtype(pred))
             valid = torch.all((mask >= 0) & torch.isfinite(mask))
-            if mask.device.type == "cpu" and not _compiling():
+            if mask.device.type == "cpu" and not compiling():
                 if not bool(valid):
                     raise ValueError(Rule.MASK_WEIGHTS.value)
             else:
                 mask = _refuse_on_device(valid, Rule.MASK_WEIGHTS.value, mask)
-        lam = self._lambdas()
+        lam = self.lambdas
+        if lam.device.type == "cpu" and not compiling():
+            self.check_lambdas()
+        else:
+            lam = checked_on_device(lam, self._inactive)
         need_sq = self._on[Term.FR.value]
         need_col = self._on[Term.FR_SD.value] or self._on[Term.FR_CV.value]
         stats = statistics(pred, label, states, mask, self._on[Term.MSE.value], need_sq, need_col)
         if self.sync_stats:
-            stats = self._all_reduced(stats)
+            stats = all_reduced(stats, self.n_hid, self.process_group)
         model = self.model
         w_in, w_hid = model.recurrent_layer.input_layer.weight, model.recurrent_layer.hidden_layer.weight
         dtype = torch.promote_types(torch.promote_types(accumulation_dtype(pred), accumulation_dtype(label)),
@@ -240,21 +197,6 @@ class RNNLoss(nn.Module):
         raw = components(stats, w_in, w_hid, model.readout_layer.weight, self._on, dtype)
         weighted = raw * lam.to(device=raw.device, dtype=dtype)
         return weighted.sum(), weighted
-
-    @torch.jit.unused
-    def _all_reduced(self, stats: Stats) -> Stats:
-        """The statistics summed over every rank of the process group, through an autograd-aware
-        all-reduce: its backward all-reduces the gradient too, so after DDP's averaging each rank holds
-        the single-process gradient of the global batch's loss."""
-        if _compiling():
-            raise RuntimeError(Rule.SYNC_EAGER_ONLY.value)
-        f64 = torch.float64
-        col = stats.col if stats.col.dim() == 1 else stats.col.new_zeros(self.n_hid)
-        packed = torch.cat([torch.stack([stats.sq_err.to(f64), stats.weight.to(f64), stats.samples, stats.sum_sq]),
-                            col])
-        total = _all_reduce_sum(packed, self.process_group or torch.distributed.group.WORLD)
-        return Stats(total[0], total[1], total[2], total[3], total[4:])
-
 
 @torch.jit.unused
 def _real(name: str, value) -> float:
@@ -269,17 +211,61 @@ def _real(name: str, value) -> float:
         return math.inf
 
 
-def _compiling() -> bool:
-    """True while torch.compile or torch.export traces (no data-dependent Python checks there)."""
-    if torch.jit.is_scripting():
-        return False
-    return torch.compiler.is_compiling()
+def checked_on_device(lam: Tensor, inactive: List[int]) -> Tensor:
+    """The λ buffer off the CPU (or while torch.compile traces): its dtype and shape refused at once, its
+    values by a device-side assertion (no host–device synchronisation); an export bakes λ in, checked."""
+    if lam.dtype != torch.float64 or lam.dim() != 1 or lam.size(0) != 7:
+        raise ValueError(Rule.LAMBDAS_BUFFER.value.format(dtype_name(lam), shape_of(lam)))
+    if exporting():
+        return lam
+    ok = (lam >= 0.0) & (lam <= float32_max())
+    for i in inactive:
+        ok[i] = ok[i] & (lam[i] == 0.0)
+    return _refuse_on_device(ok.all(), Rule.LAMBDAS_VALUES.value, lam)
 
 
-def _exporting() -> bool:
-    if torch.jit.is_scripting():
-        return False
-    return torch.compiler.is_exporting()
+def check_inputs(pred: Tensor, label: Tensor, states: Optional[Tensor], mask: Optional[Tensor], n_hid: int,
+                 on: Flags, w_in: Tensor) -> None:
+    """The rules forward's inputs must meet, before anything is computed (eager and TorchScript alike)."""
+    check_float_tensor(pred, "pred")
+    check_float_tensor(label, "label")
+    traced = exporting()  # sizes are symbols then: the exported graphs check them themselves
+    if not traced and pred.shape != label.shape:
+        raise ValueError(Rule.LABEL_SHAPE.value.format(shape_of(pred), shape_of(label)))
+    if label.device != pred.device:
+        raise ValueError(Rule.DEVICE.value.format("label", "pred", str(pred.device), str(label.device)))
+    if states is not None:
+        check_float_tensor(states, "states")
+        if states.device != pred.device:
+            raise ValueError(Rule.DEVICE.value.format("states", "pred", str(pred.device), str(states.device)))
+        if states.dim() == 0 or (not traced and states.size(-1) != n_hid):
+            raise ValueError(Rule.STATES_LAST_DIM.value.format(n_hid, shape_of(states)))
+    elif on[Term.FR.value] or on[Term.FR_SD.value] or on[Term.FR_CV.value]:
+        raise ValueError(Rule.STATES_MISSING.value)
+    if mask is not None:
+        if mask.is_complex():
+            raise TypeError(Rule.MASK_DTYPE.value.format(dtype_name(mask)))
+        if not traced and mask.shape != pred.shape and mask.shape != pred.shape[:-1]:
+            raise ValueError(Rule.MASK_SHAPE.value.format(shape_of(pred), shape_of(pred)[:-1], shape_of(mask)))
+        if mask.device != pred.device:
+            raise ValueError(Rule.DEVICE.value.format("mask", "pred", str(pred.device), str(mask.device)))
+    weights_on = on[Term.IN.value] or on[Term.HID.value] or on[Term.OUT.value]
+    if weights_on and w_in.device != pred.device:
+        raise ValueError(Rule.DEVICE.value.format("pred", "the model", str(w_in.device), str(pred.device)))
+
+
+@torch.jit.unused
+def all_reduced(stats: Stats, n_hid: int, group) -> Stats:
+    """The statistics summed over every rank of ``group``, through an autograd-aware all-reduce: its backward
+    all-reduces the gradient too, so after DDP's averaging each rank holds the single-process gradient of the
+    global batch's loss."""
+    if compiling():
+        raise RuntimeError(Rule.SYNC_EAGER_ONLY.value)
+    f64 = torch.float64
+    col = stats.col if stats.col.dim() == 1 else stats.col.new_zeros(n_hid)
+    packed = torch.cat([torch.stack([stats.sq_err.to(f64), stats.weight.to(f64), stats.samples, stats.sum_sq]), col])
+    total = _all_reduce_sum(packed, group or torch.distributed.group.WORLD)
+    return Stats(total[0], total[1], total[2], total[3], total[4:])
 
 
 def _refuse_on_device(ok: Tensor, message: str, t: Tensor) -> Tensor:
@@ -290,8 +276,6 @@ def _refuse_on_device(ok: Tensor, message: str, t: Tensor) -> Tensor:
         return torch.where(ok, t, torch.full_like(t, math.nan))
     torch._assert_async(ok, message)
     return t
-
-
 
 
 def _check_loaded_lambdas(module: RNNLoss, state_dict, prefix, *args) -> None:

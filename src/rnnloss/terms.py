@@ -47,11 +47,18 @@ class Stats(NamedTuple):
     col: Tensor      # Σ_s r_{s,i}, one entry per neuron
 
 
-def _exporting() -> bool:
-    """True while torch.export (and so the ONNX exporter) traces."""
+def exporting() -> bool:
+    """True while torch.export (and so the ONNX and ExecuTorch exporters) traces."""
     if torch.jit.is_scripting():
         return False
     return torch.compiler.is_exporting()
+
+
+def compiling() -> bool:
+    """True while torch.compile or torch.export traces (no data-dependent Python checks there)."""
+    if torch.jit.is_scripting():
+        return False
+    return torch.compiler.is_compiling()
 
 
 def error_sums(pred: Tensor, label: Tensor, mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
@@ -71,7 +78,7 @@ def error_sums(pred: Tensor, label: Tensor, mask: Optional[Tensor] = None) -> Tu
         >>> error_sums(torch.tensor([1.0, 3.0]), torch.tensor([0.0, 1.0]), torch.tensor([1.0, 0.0]))
         (tensor(1., dtype=torch.float64), tensor(1., dtype=torch.float64))
     """
-    acc = torch.float64 if _exporting() else torch.promote_types(accumulation_dtype(pred), accumulation_dtype(label))
+    acc = torch.float64 if exporting() else torch.promote_types(accumulation_dtype(pred), accumulation_dtype(label))
     p, y = pred.to(acc), label.to(acc)
     if mask is None:  # the count as a tensor op on numel: torch.export keeps it symbolic
         return F.mse_loss(p, y, reduction="sum"), torch.zeros((), dtype=torch.float64, device=p.device) + p.numel()
@@ -108,7 +115,7 @@ def mean_square(w: Tensor) -> Tensor:
         >>> mean_square(torch.tensor([[1.0, 2.0], [2.0, 1.0]]))
         tensor(2.5000)
     """
-    wa = w.to(torch.float64 if _exporting() else accumulation_dtype(w))
+    wa = w.to(torch.float64 if exporting() else accumulation_dtype(w))
     return (wa * wa).sum() / w.numel()
 
 
