@@ -7,12 +7,8 @@ config, λ, dims, inputs, versions — the manifest without its sums and parity 
 (its parameters and buffers, and the model options it records) against the config. Adding an
 artifact is adding one entry to :data:`REGISTRY`.
 """
-import contextlib
 import dataclasses
-import io
 import json
-import logging
-import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -21,7 +17,7 @@ import torch
 
 from ..loss import RNNLoss
 from ..model import CTRNN
-from ..rules import COMPONENT_NAMES, LAMBDA_NAMES, Rule, head
+from ..rules import COMPONENT_NAMES, LAMBDA_NAMES
 from ..trainer import CTRNNTrainer
 from . import executorch, onnx_checks
 from .folder import GENERATOR
@@ -178,9 +174,12 @@ def _check_train_pt(c: Check, device: str) -> Row:
     return run_row(Row("ctrnn_train.pt", "torchscript", device), body)
 
 
-def _scripted_state(path: Path) -> Tuple[RNNLoss, Dict[str, torch.Tensor]]:
-    loss = from_torchscript(path)
-    return loss, loss.state_dict()
+def _eager_state(load: Callable[[Path], RNNLoss]):
+    """``contents`` of a file that loads back into an eager loss: the loss and its state."""
+    def contents(path: Path) -> Tuple[RNNLoss, Dict[str, torch.Tensor]]:
+        loss = load(path)
+        return loss, loss.state_dict()
+    return contents
 
 
 # ---- torch.export: rnn_loss.pt2 ----
@@ -188,7 +187,8 @@ def _scripted_state(path: Path) -> Tuple[RNNLoss, Dict[str, torch.Tensor]]:
 def dynamic_shapes(config: Dict[str, Any], names: Sequence[str], every_axis: bool) -> Dict[str, Dict[int, Any]]:
     """The inputs' dynamic axes: as :func:`input_shapes` declares them (the ONNX graph), or with ``every_axis``
     (the .pt2) every axis of every input its own, so that each size check is a node of the graph that
-    AOTInductor keeps (RNNLoss._graph_guards) rather than an input guard, which it drops."""
+    AOTInductor keeps (:func:`~rnnloss.export.tracing.checked_like_pred`) rather than an input guard, which it
+    drops."""
     from torch.export import Dim
     declared = input_shapes(config)
     dims: Dict[str, Any] = {}
@@ -297,11 +297,6 @@ def _check_native(c: Check, device: str) -> Row:
     return run_row(Row(NATIVE, "eager from the file", device), body)
 
 
-def _native_state(path: Path) -> Tuple[RNNLoss, Dict[str, torch.Tensor]]:
-    loss = load_native(path)
-    return loss, loss.state_dict()
-
-
 @dataclasses.dataclass(frozen=True)
 class Artifact:
     """One file of an export.
@@ -323,10 +318,10 @@ class Artifact:
 REGISTRY: Tuple[Artifact, ...] = (
     Artifact("rnn_loss.onnx", _write_onnx, _check_onnx, _onnx_metadata, _onnx_state,
              needs=("onnx", "onnxruntime", "onnxscript")),
-    Artifact("rnn_loss.pt", _write_scripted(lambda loss: loss), _check_loss_pt, _zip_metadata, _scripted_state),
-    Artifact("ctrnn_train.pt", _write_scripted(CTRNNTrainer), _check_train_pt, _zip_metadata, _scripted_state),
+    Artifact("rnn_loss.pt", _write_scripted(lambda loss: loss), _check_loss_pt, _zip_metadata, _eager_state(from_torchscript)),
+    Artifact("ctrnn_train.pt", _write_scripted(CTRNNTrainer), _check_train_pt, _zip_metadata, _eager_state(from_torchscript)),
     Artifact("rnn_loss.pt2", _write_pt2, _check_pt2, _zip_metadata, _pt2_state),
-    Artifact(NATIVE, _write_native, _check_native, _native_metadata, _native_state),
+    Artifact(NATIVE, _write_native, _check_native, _native_metadata, _eager_state(load_native)),
     Artifact("ctrnn.pte", executorch.write_model, executorch.check_model, executorch.metadata, executorch.contents,
              needs=("executorch",), devices=("cpu",)),
     Artifact("rnn_loss.pte", executorch.write_loss, executorch.check_loss, executorch.metadata, executorch.contents,

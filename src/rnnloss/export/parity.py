@@ -13,8 +13,8 @@ by the conditioning of each quantity:
   sum of n same-signed terms is ~√n·u for the usual rounding (the worst case, n·u, assumes every
   rounding goes one way); 16 covers the short chains of a few roundings (products, divisions, the
   λ multiply) on small inputs, ``MARGIN = 10`` the tail of the distribution. n is the largest
-  reduction of the check (the element count of pred, states or a weight matrix). For the default config's largest
-  parity input (64·57·13 ≈ 4.7·10^4 rates) it is 1.3e-4.
+  reduction of the check (the element count of pred, states or a weight matrix); for the default
+  config's largest parity input (57·13·64 ≈ 4.7·10^4 rates) it is 1.3e-4.
 - :func:`component_tolerances`, per component, absolute: mse, in, hid, out and fr are sums of
   non-negative terms (condition number 1): ``sum_rtol · |value|``. fr_sd is σ of the per-neuron
   means r̄_i; each r̄_i may be off by ``sum_rtol · m_i`` (m_i = neuron i's mean |r|), and
@@ -40,7 +40,7 @@ reaches every component through both outputs with weight 1, as ``total`` alone d
 
 A formula or axis mistake (sample SD instead of population SD, means over the wrong axis, a wrong
 count) changes a component by 1e-2 or more, far above ``sum_rtol · κ`` unless κ is huge, and
-tests/test_parity.py checks that such mistakes fail.
+tests/runtimes/test_parity.py checks that such mistakes fail.
 """
 import dataclasses
 import io
