@@ -25,7 +25,7 @@ bool one_of(const std::string& value, const std::vector<std::string>& allowed) {
   return std::find(allowed.begin(), allowed.end(), value) != allowed.end();
 }
 
-// Python's _per_layer_spec and the per-layer choice checks. C++ takes no tensors here, so the
+// Python's _layer_specs and the per-layer choice checks. C++ takes no tensors here, so the
 // choices are the strings alone.
 void check_per_layer(const std::vector<std::string>& specs, const char* name) {
   RNNLOSS_CHECK(specs.size() == 3, rules::kPerLayer, name, detail::py_str_list(specs));

@@ -132,10 +132,26 @@ def test_not_a_checkpoint_is_refused_clearly(tmp_path):
     torch.save({"weights": torch.zeros(3)}, tmp_path / "x.pt")
     with pytest.raises(NN4NCheckpointError, match="not an nn4n checkpoint"):
         CTRNN.from_nn4n(tmp_path / "x.pt")
-    with pytest.raises(NN4NCheckpointError, match="'keep'"):
-        ckpt = torch.load(_saved(CASES["defaults"], tmp_path), weights_only=True)
-        ckpt["kwargs"]["init_state"] = "keep"
+    ckpt = torch.load(_saved(CASES["defaults"], tmp_path), weights_only=True)
+    ckpt["kwargs"]["init_state"] = "keep"
+    with pytest.raises(NN4NCheckpointError, match=r"'keep'.*from_nn4n\(path, init_state='zero'\) loads it"):
         CTRNN.from_nn4n(ckpt)
+    assert CTRNN.from_nn4n(ckpt, init_state="zero").init_state == "zero"  # what the message advises works
+
+
+def test_declared_dims_the_tensors_do_not_have_are_refused_before_anything_is_built(tmp_path, monkeypatch):
+    ckpt = torch.load(_saved(CASES["defaults"], tmp_path), weights_only=True)
+    built = []
+    monkeypatch.setattr(CTRNN, "__init__", lambda self, *a, **k: built.append(a))  # must not be reached
+    for dims in ([3, 10**12, 2], [3, 12, 10**12], [3, 12], [4, 12, 2]):
+        ckpt["kwargs"]["dims"] = dims
+        with pytest.raises(NN4NCheckpointError, match=r"do not match the state dict's tensor shapes .*\[12, 3\]"):
+            CTRNN.from_nn4n(ckpt)
+    ckpt["kwargs"]["dims"] = DIMS
+    ckpt["model_state_dict"]["readout_layer.bias"] = [0.0, 0.0]  # not a tensor
+    with pytest.raises(NN4NCheckpointError, match="'readout_layer.bias': 'list'"):
+        CTRNN.from_nn4n(ckpt)
+    assert built == []
 
 
 def test_loaded_model_scripts_and_trains_with_plasticity(tmp_path):
