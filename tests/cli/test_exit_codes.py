@@ -154,3 +154,11 @@ def test_a_parity_failure_exits_1_and_installs_nothing(tmp_path, monkeypatch, ca
     assert cli.run(validate(SMALL), tmp_path / "out", force=False, device="cpu") == 1
     assert "parity FAILED: " in capsys.readouterr().out
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("args", [["--out", ""], ["--verify", ""]])
+def test_an_empty_folder_name_is_refused_not_taken_for_a_default(args, capsys):
+    from rnnloss.export import main
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2 and "--out and --verify take a folder, got an empty name" in one_line(capsys.readouterr().err)

@@ -215,3 +215,12 @@ def test_an_earlier_export_that_cannot_be_deleted_after_the_swap_is_named_and_bl
     status, _, err = run_cli(["--out", "out", "--force", "--device", "cpu", "--quiet"], tmp_path)
     assert status == 0, err
     assert marker_of(tmp_path / "out") == "newer" and leftovers(tmp_path) == [stuck[-1].name]
+
+
+def test_a_leftover_named_with_an_impossible_pid_is_cleaned_not_a_crash(tmp_path, run_cli, monkeypatch):
+    # clean_leftovers asks whether the PID in a leftover's name runs; a PID beyond any process is not running.
+    use_fakes(monkeypatch)
+    (tmp_path / ".out.rnnloss-99999999999999999999-ab.tmp").mkdir()
+    status, _, err = run_cli(["--out", "out", "--force"], tmp_path)
+    assert status == 0, err
+    assert not (tmp_path / ".out.rnnloss-99999999999999999999-ab.tmp").exists()

@@ -1,23 +1,22 @@
 """``rnnloss-export``: config -> artifacts -> parity -> atomic install; ``--verify DIR`` checks a folder.
 
-Exit 0: every artifact written, loaded and within tolerance of eager mode, installed in --out.
-Exit 1: a parity check failed (``--verify``: a sum, a field, a load or a parity check failed);
---out is unchanged, the rejected build kept beside it only when small or asked for. Exit 2: anything
-the user can fix (config, --out, a missing optional dependency, disk, memory, permissions) — one
-line on stderr, no traceback, nothing left behind. Exit 3: a bug, with its traceback.
-
-This module imports torch only once the arguments are parsed: ``--help`` and ``--version`` answer
-at once.
+Exit 0: every artifact written, loaded, within tolerance of eager mode and installed in --out. Exit 1: a parity
+(or --verify) check failed; --out is unchanged, the rejected build kept beside it only when small or asked for.
+Exit 2: anything the user can fix, as one line on stderr, nothing left behind. Exit 3: a bug, with its traceback.
+torch is imported only once the arguments are parsed, so ``--help`` and ``--version`` answer at once.
 """
 import argparse
 import contextlib
 import datetime
 import errno
+import itertools
 import json
 import os
+import shutil
 import signal
 import stat
 import sys
+import threading
 import traceback
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -38,17 +37,18 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
-def require(names) -> None:
-    """UserError naming what to install unless every module in ``names`` imports."""
+def require(config: Dict[str, Any]) -> None:
+    """UserError naming what to install unless every module the artifacts of ``config`` need imports."""
+    from .artifacts import wanted
     missing = []
-    for name in names:
+    for name in sorted({m for a in wanted(config) for m in a.needs}):
         try:
             __import__(name)
         except ImportError:
             missing.append(name)
     if missing:
-        raise UserError(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed: "
-                        f"pip install {' '.join(missing)} (from a source checkout: pip install -e '.[onnx,executorch]')")
+        raise UserError(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed: pip install "
+                        f"{' '.join(missing)} (from a source checkout: pip install -e '.[onnx,executorch]')")
 
 
 # Peak memory of an export (max RSS, 2-core CPU, torch 2.13.0): about 0.5 GB of libraries plus 17x the
@@ -58,26 +58,19 @@ MEMORY_BASE, MEMORY_PER_WEIGHT_BYTE, MEMORY_PER_RATE_BYTE = 1 << 30, 24, 64
 DISK_PER_WEIGHT_BYTE = 10  # eight artifacts hold the weights once each; two spare
 
 
-def resource_estimate(config: Dict[str, Any]):
-    """(memory, disk) in bytes that exporting ``config`` needs, generously rounded up (see above); the
-    largest parity input is (T + 7)·(B + 5) samples of x, states, pred, label and mask."""
-    n_in, n_hid, n_out = config["model"]["dims"]
-    weights = 4 * (n_hid * n_in + n_hid * n_hid + n_out * n_hid + 3 * n_hid + n_out)
-    ex = config["example"]
-    rates = 4 * (ex["time"] + 7) * (ex["batch"] + 5) * (n_in + n_hid + 3 * n_out)
-    return (MEMORY_BASE + MEMORY_PER_WEIGHT_BYTE * weights + MEMORY_PER_RATE_BYTE * rates,
-            DISK_PER_WEIGHT_BYTE * weights + 2 * rates + (1 << 20))
-
-
 def _size(n: int) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def check_resources(config: Dict[str, Any], folder: Path) -> None:
     """UserError when exporting ``config`` would not fit this machine's memory or the disk under ``folder``."""
-    import shutil
-    memory, disk = resource_estimate(config)
-    dims, ex = config["model"]["dims"], config["example"]
+    n_in, n_hid, n_out = dims = config["model"]["dims"]
+    ex = config["example"]
+    weights = 4 * (n_hid * n_in + n_hid * n_hid + n_out * n_hid + 3 * n_hid + n_out)
+    # The largest parity input: (T + 7)·(B + 5) samples of x, states, pred, label and mask.
+    rates = 4 * (ex["time"] + 7) * (ex["batch"] + 5) * (n_in + n_hid + 3 * n_out)
+    memory = MEMORY_BASE + MEMORY_PER_WEIGHT_BYTE * weights + MEMORY_PER_RATE_BYTE * rates
+    disk = DISK_PER_WEIGHT_BYTE * weights + 2 * rates + (1 << 20)
     try:
         with open("/proc/meminfo") as f:
             available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
@@ -96,20 +89,17 @@ def check_resources(config: Dict[str, Any], folder: Path) -> None:
 @contextlib.contextmanager
 def _parents_made(folder: Path):
     """Create ``folder`` and its missing parents; remove them again (if still empty) when the block fails."""
-    made = [p for p in [folder, *folder.parents] if not p.exists()]
-    made = made[:next((i for i, p in enumerate(made) if p.parent.exists()), len(made)) + 1]
+    made = list(itertools.takewhile(lambda p: not p.exists(), [folder, *folder.parents]))  # deepest first
     folder.mkdir(parents=True, exist_ok=True)
-    ok = False
     try:
         yield
-        ok = True
-    finally:
-        if not ok:
-            for path in made:  # deepest first
-                try:
-                    path.rmdir()
-                except OSError:
-                    break
+    except BaseException:
+        for path in made:
+            try:
+                path.rmdir()
+            except OSError:
+                break
+        raise
 
 
 def run(config: Dict[str, Any], out: Path, *, force: bool, device: str, keep_rejected: bool = False,
@@ -117,12 +107,11 @@ def run(config: Dict[str, Any], out: Path, *, force: bool, device: str, keep_rej
     """Export, check parity, print the table, install; 0 when every check passes, 1 when one fails.
     User-fixable problems raise (:class:`UserError`, ``InTheWay``, ``OSError`` ...)."""
     from . import install
-    from .artifacts import wanted
     stream = stream or sys.stdout
     out = Path(out)
     real = install.resolve_out(out)
     install.check_target(real, f"--out {out}", force)  # before the minutes of exporting
-    require(sorted({m for a in wanted(config) for m in a.needs}))
+    require(config)
     check_resources(config, install.existing_ancestor(real.parent))
     with _parents_made(real.parent), install.Workspace(real, use_exchange=use_exchange) as ws:
         manifest = write_all(config, ws.tmp, progress)
@@ -181,7 +170,7 @@ def _rejected(ws, real: Path, keep: bool) -> str:
     """Keep the rejected build beside --out as NAME.rejected when small or asked for; says what happened."""
     from . import install
     dest = real.parent / f"{real.name}.rejected"
-    size = ws.size()
+    size = sum(p.stat().st_size for p in ws.tmp.iterdir() if p.is_file())
     if not keep and size > REJECTED_KEEP_BYTES:
         return (f"the rejected build ({size / 2**20:.0f} MiB) was not kept: over {REJECTED_KEEP_BYTES >> 20} MiB; "
                 "pass --keep-rejected to keep it")
@@ -193,9 +182,8 @@ def _rejected(ws, real: Path, keep: bool) -> str:
 
 
 def verify(folder: Path, *, device: str, stream=None, progress=lambda line: None) -> int:
-    """Check an export folder: every sum, every manifest field against every artifact's embedded copy and
-    against its config, each artifact's parameters, buffers and model options against that config, then
-    parity. 0 when all hold, 1 when one does not (each problem on one line); UserError when ``folder`` is
+    """Check an export folder: sums, the manifest and each artifact against its config (:func:`manifest_problems`),
+    then parity. 0 when all hold, 1 when one does not (each problem on one line); UserError when ``folder`` is
     unusable. A file whose sum fails is never loaded."""
     from .config import ConfigError, validate
     from .folder import MANIFEST, NotAnExport, read_manifest, sum_mismatches
@@ -219,11 +207,10 @@ def verify(folder: Path, *, device: str, stream=None, progress=lambda line: None
     except OSError as e:
         raise UserError(f"--verify {folder}: cannot read {e.filename}: {e.strerror}") from None
     from .artifacts import wanted
-    require(sorted({m for a in wanted(config) for m in a.needs}))
-    bad = {p.split(":")[0] for p in problems}
-    problems += [f"{a.name}: not listed in {MANIFEST}'s sha256 table" for a in wanted(config)
-                 if a.name not in manifest["sha256"]]
-    intact = [a for a in wanted(config) if a.name in manifest["sha256"] and a.name not in bad]
+    require(config)
+    listed, bad = manifest["sha256"], {p.split(":")[0] for p in problems}
+    problems += [f"{a.name}: not listed in {MANIFEST}'s sha256 table" for a in wanted(config) if a.name not in listed]
+    intact = [a for a in wanted(config) if a.name in listed and a.name not in bad]
     problems += manifest_problems(folder, manifest, config, intact)
     rows = _parity(folder, config, device, progress, {a.name for a in intact})
     from .parity import format_table
@@ -349,13 +336,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     args = parser.parse_args(argv)
+    if args.out == "" or args.verify == "":
+        parser.error("--out and --verify take a folder, got an empty name")
     if args.verify is not None and (args.config or args.out or args.force or args.keep_rejected):
         parser.error("--verify DIR takes no --config, --out, --force or --keep-rejected")
     out = args.out or "artifacts"
     prog = parser.prog
     progress = (lambda line: None) if args.quiet else (lambda line: print(f"{prog}: {line}", file=sys.stderr,
                                                                           flush=True))
-    main_thread = __import__("threading").current_thread() is __import__("threading").main_thread()
+    main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
         from . import config as config_mod

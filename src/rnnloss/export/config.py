@@ -1,10 +1,8 @@
 """The export config: the embedded default, and strict validation.
 
-Every key is optional; the default fills the rest. Anything unknown, mistyped or out of range
-raises :class:`ConfigError` naming the key, so the CLI can print one line and exit 2. Ranges:
-numbers finite and at most the largest float32 (the modules compute in float32: a larger λ
-would be inf there), seeds what ``torch.manual_seed`` accepts (0 … 2^64 − 1). Whether the
-model fits the machine's memory and disk is checked by the export itself.
+Every key is optional; the default fills the rest. Anything unknown, mistyped or out of range raises
+:class:`ConfigError` naming the key (the CLI prints that one line, exit 2). Numbers are finite and at most the
+largest float32 (the modules compute in float32); seeds are what ``torch.manual_seed`` accepts.
 """
 import difflib
 import functools
@@ -26,6 +24,7 @@ class ConfigError(ValueError):
 
 
 SEED_MAX = 2**64 - 1  # torch.manual_seed takes a 64-bit unsigned seed
+MAX_CONFIG_CHARS = 1 << 20
 
 
 def _show(v: Any) -> str:
@@ -47,60 +46,47 @@ def default_config() -> Dict[str, Any]:
     return json.loads(_default_text())
 
 
-def _positive_int(key, v):
+# Validators: (key, value) -> the value to keep, or ConfigError.
+
+def _integer(key, v):
     if isinstance(v, bool) or not isinstance(v, int):
         raise ConfigError(key, f"expected an integer, got {_show(v)}")
-    if v <= 0:
+    return v
+
+
+def _positive(key, v):
+    if _integer(key, v) <= 0:
         raise ConfigError(key, f"must be > 0, got {v}")
     return v
 
 
-def _seed(key, v):
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise ConfigError(key, f"expected an integer, got {_show(v)}")
-    if not 0 <= v <= SEED_MAX:
-        raise ConfigError(key, f"must be from 0 to 2**64 - 1 = {SEED_MAX} (what torch.manual_seed accepts), got {v}")
-    return v
+def _within(check, low, high, problem):
+    """``check``, then ``low <= value <= high``, else ``problem`` (a format string taking the value)."""
+    def validator(key, v):
+        if not low <= check(key, v) <= high:
+            raise ConfigError(key, problem.format(v))
+        return v
+    return validator
 
 
-def _number(key, v, *, positive=False, minimum=None):
+def _number(key, v, *, positive):
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise ConfigError(key, f"expected a number, got {_show(v)}")
     if not math.isfinite(v):
         raise ConfigError(key, f"must be finite, got {v}")
     if abs(v) > FLOAT32_MAX:
         raise ConfigError(key, f"must be at most {FLOAT32_MAX!r} (the largest float32), got {v!r}")
-    if positive and v <= 0:
-        raise ConfigError(key, f"must be > 0, got {v}")
-    if minimum is not None and v < minimum:
-        raise ConfigError(key, f"must be >= {minimum}, got {v}")
+    if v < 0 or (positive and v == 0):
+        raise ConfigError(key, f"must be {'>' if positive else '>='} 0, got {v}")
     return float(v)
 
 
-def _example_size(key, v):
-    value = _positive_int(key, v)
-    if value < 2:  # torch.export would specialise a size-1 axis and the graph would not be dynamic
-        raise ConfigError(key, f"must be >= 2 (the exported graphs take any size; a size-1 example would fix "
-                               f"the axis at 1), got {value}")
-    return value
-
-
-def _dims(key, v):
-    if not isinstance(v, list) or len(v) != 3:
-        raise ConfigError(key, f"expected a list [N_in, N_hid, N_out] of three positive integers, got {_show(v)}")
-    return [_positive_int(f"{key}[{i}]", d) for i, d in enumerate(v)]
-
-
-def _activation(key, v):
-    if v not in ACTIVATIONS:
-        raise ConfigError(key, f"expected one of {list(ACTIVATIONS)}, got {_show(v)}")
-    return v
-
-
-def _init_state(key, v):
-    if v not in INIT_STATES:
-        raise ConfigError(key, f"expected one of {list(INIT_STATES)}, got {_show(v)}")
-    return v
+def _one_of(options):
+    def validator(key, v):
+        if v not in options:
+            raise ConfigError(key, f"expected one of {list(options)}, got {_show(v)}")
+        return v
+    return validator
 
 
 def _bool(key, v):
@@ -109,26 +95,31 @@ def _bool(key, v):
     return v
 
 
-def _opset(key, v):
-    if v is None:
-        return None
-    value = _positive_int(key, v)
-    if not 17 <= value <= 23:
-        raise ConfigError(key, f"expected null (17) or an ONNX opset from 17 to 23, got {value}")
-    return value
+def _dims(key, v):
+    if not isinstance(v, list) or len(v) != 3:
+        raise ConfigError(key, f"expected a list [N_in, N_hid, N_out] of three positive integers, got {_show(v)}")
+    return [_positive(f"{key}[{i}]", d) for i, d in enumerate(v)]
 
+
+_POSITIVE = functools.partial(_number, positive=True)
+_NON_NEGATIVE = functools.partial(_number, positive=False)
+# torch.export would specialise a size-1 axis, and the graph would not be dynamic.
+_SIZE = _within(_positive, 2, math.inf, "must be >= 2 (the exported graphs take any size; a size-1 example would "
+                                        "fix the axis at 1), got {}")
+_SEED = _within(_integer, 0, SEED_MAX, f"must be from 0 to 2**64 - 1 = {SEED_MAX} (what torch.manual_seed accepts), "
+                                       "got {}")
+_OPSET = _within(_positive, 17, 23, "expected null (17) or an ONNX opset from 17 to 23, got {}")
 
 SCHEMA = {
-    "model": {"dims": _dims, "tau": lambda k, v: _number(k, v, positive=True),
-              "dt": lambda k, v: _number(k, v, positive=True), "activation": _activation, "batch_first": _bool,
-              "preact_noise": lambda k, v: _number(k, v, minimum=0), "postact_noise": lambda k, v: _number(k, v, minimum=0),
-              "init_state": _init_state, "learn_alpha": _bool},
-    "loss": {name: (lambda k, v: _number(k, v, minimum=0)) for name in LAMBDA_NAMES},
-    "example": {"time": _example_size, "batch": _example_size},
+    "model": {"dims": _dims, "tau": _POSITIVE, "dt": _POSITIVE, "activation": _one_of(ACTIVATIONS),
+              "batch_first": _bool, "preact_noise": _NON_NEGATIVE, "postact_noise": _NON_NEGATIVE,
+              "init_state": _one_of(INIT_STATES), "learn_alpha": _bool},
+    "loss": {name: _NON_NEGATIVE for name in LAMBDA_NAMES},
+    "example": {"time": _SIZE, "batch": _SIZE},
     # ExecuTorch programs: the model's fixed number of time steps (the loss's largest), every program's largest batch
-    "executorch": {"time": _example_size, "max_batch": _example_size},
-    "seed": _seed,
-    "opset": _opset,
+    "executorch": {"time": _SIZE, "max_batch": _SIZE},
+    "seed": _SEED,
+    "opset": lambda key, v: None if v is None else _OPSET(key, v),
     "mask": _bool,  # the loss graphs take a fourth input, mask, shaped like pred
 }
 
@@ -150,25 +141,20 @@ def validate(raw: Any) -> Dict[str, Any]:
         spec = SCHEMA[section]
         if callable(spec):
             config[section] = spec(section, value)
-            continue
-        if value is None and section == "executorch":  # no ExecuTorch programs (a machine without executorch)
+        elif value is None and section == "executorch":  # no ExecuTorch programs (a machine without executorch)
             config[section] = None
-            continue
-        if not isinstance(value, dict):
+        elif not isinstance(value, dict):
             raise ConfigError(section, f"expected an object{' or null' if section == 'executorch' else ''}, "
                                        f"got {_show(value)}")
-        config[section] = config[section] or default_config()[section]
-        for key, item in value.items():
-            if key not in spec:
-                raise ConfigError(f"{section}.{key}", _unknown(f"{section}.{key}", spec))
-            config[section][key] = spec[key](f"{section}.{key}", item)
+        else:
+            for key, item in value.items():
+                if key not in spec:
+                    raise ConfigError(f"{section}.{key}", _unknown(f"{section}.{key}", spec))
+                config[section][key] = spec[key](f"{section}.{key}", item)
     model = config["model"]
     if model["dt"] > model["tau"]:
         raise ConfigError("model.dt", f"must not exceed model.tau ({model['tau']}), got {model['dt']}")
     return config
-
-
-MAX_CONFIG_CHARS = 1 << 20
 
 
 def load(path) -> Dict[str, Any]:
@@ -187,7 +173,8 @@ def load(path) -> Dict[str, Any]:
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ConfigError("--config", f"{path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+        raise ConfigError("--config", f"{path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") \
+            from None
     except ValueError as e:  # e.g. an integer of more than 4300 digits
         raise ConfigError("--config", f"{path}: {e}") from None
     except RecursionError:

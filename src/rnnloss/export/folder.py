@@ -74,9 +74,9 @@ def read_manifest(folder: Path) -> Dict[str, Any]:
 
 def check_sums(folder: Path, manifest: Dict[str, Any],
                names: Optional[Sequence[str]] = None) -> Iterator[Tuple[str, str]]:
-    """``(name, "missing")``, ``(name, "not a regular file")`` or ``(name, "changed")`` for each file of the manifest's sha256 table (or
-    of ``names``, each listed there) that is not a plain file in ``folder`` or whose sha256 differs,
-    in the table's (or ``names``') order, hashing one file per step: a caller may stop early."""
+    """``(name, why)`` for each file of the manifest's sha256 table (or of ``names``, each listed there) that is
+    "missing", "not a regular file" or "changed", in that order; one file is hashed per step, so a caller may
+    stop early."""
     table = manifest["sha256"]
     for name in table if names is None else names:
         path = folder / name

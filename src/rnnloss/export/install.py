@@ -1,43 +1,18 @@
 """Put a finished export folder in place of ``--out`` atomically, deleting nothing it did not write.
 
-Rules (what ``rnnloss-export`` promises):
-
-- ``--out`` is resolved through symlinks first. The export is installed at the resolved folder and
-  the link itself is left as it is, so a symlinked ``--out`` obeys exactly the rules below for the
-  folder it points to; a dangling link gets its target created. ``--out`` may not be the current
-  folder or one above it (replacing it would pull the folder from under the shell).
-- The user must be allowed to do all of it, which is checked before any work: create entries in
-  the folder that holds the target (or in the nearest existing folder above, when folders are
-  missing), rename the target there (a sticky folder such as ``/tmp`` lets only the owner of an
-  entry rename it), read the earlier export to check it, and delete its files. Otherwise the
-  target is :class:`InTheWay` too, naming the folder or file that refuses.
-- Without ``--force`` the target must be missing or an empty folder. With ``--force`` it may also
-  be an earlier export of this command: a ``manifest.json`` written by it, every other entry a
-  plain file the manifest lists, and each of those unchanged since (its sha256 matches). Anything
-  else — a file, a foreign entry, a modified artifact — is :class:`InTheWay`: the command stops
-  before writing anything and names what is in the way.
-- Atomic swap: the new export is built in a temporary folder beside the target (same file
-  system) and swapped in with ``renameat2(RENAME_EXCHANGE)`` (Linux ≥ 3.15; ext4, xfs, btrfs,
-  tmpfs, …), called through ctypes: one system call exchanges the two names, so at every instant
-  the target is the complete old export or the complete new one. The old export then sits under
-  the temporary name and is deleted. A missing or empty target is replaced by a plain
-  ``rename``, atomic too. Chosen over "``--out`` as a symlink to versioned folders" because the
-  target stays a real folder: nothing else (C++ ``rnnloss::load``, ``make cpp``, users'
-  scripts, a user's own symlink) sees a change of kind, and no version folders accumulate.
-  Where the exchange is not available (another OS, a file system without it) two renames are
-  used: old aside, new in. If the process dies between them, the target is missing for that
-  moment and the next run (or :func:`clean_leftovers`) renames the old export back.
-- Temporary entries are named ``.NAME.rnnloss-PID-RANDOM.{lock,tmp,old}`` beside the target.
-  The ``.lock`` file is created first and held with ``flock`` for the run's lifetime; the
-  kernel drops the lock when the process dies, however it dies. The next run removes a set of
-  entries only when it can take that lock *and* the PID in its name is not running — a
-  concurrent live run holds its lock and is never touched. A set this user may not remove
-  (another user's) is left alone; it blocks nothing, since every run has names of its own.
-  (Without ``fcntl``, i.e. on Windows, leftovers are not removed automatically.)
-
-``RNNLOSS_EXPORT_TEST_KILL_AT=<step>`` makes the process SIGKILL itself at that step of the
-sequence (:data:`STEPS`); the test suite uses it to prove the guarantees above. It is read
-nowhere else.
+- ``--out`` is resolved through symlinks (the link stays; a dangling one gets its target created); the root, the
+  current folder and folders above it are refused.
+- The target must be missing or an empty folder; with ``--force`` also an earlier export of this command (its
+  manifest plus only plain files it lists, each unchanged). Anything else, a mount point, or a permission the run
+  will need (sticky folders such as /tmp included) is :class:`InTheWay`, before any work.
+- The export is built beside the target and swapped in by ``renameat2(RENAME_EXCHANGE)``, so the target is at every
+  instant the complete old or new export; the old one is then deleted, manifest first. Without the exchange: two
+  renames (old aside, new in); a death between them is repaired by the next run. The target stays a real folder
+  (not a link to versioned folders): nothing that reads it sees a change of kind.
+- Temporary entries are ``.NAME.rnnloss-PID-RANDOM.{lock,tmp,old}``; the lock is held with ``flock`` while the run
+  lives. The next run removes a set only when it can take the lock and PID is not running, so never a live run's;
+  a set it may not remove is left and blocks nothing. Without ``fcntl`` (Windows) nothing is removed.
+- ``RNNLOSS_EXPORT_TEST_KILL_AT=<step>`` SIGKILLs the process at that step of :data:`STEPS`, for the tests only.
 """
 import ctypes
 import errno
@@ -60,6 +35,7 @@ KILL_ENV = "RNNLOSS_EXPORT_TEST_KILL_AT"
 # The install sequence in order; the fallback path adds "aside" between "checked" and "swapped".
 STEPS = ("locked", "tmp-created", "written", "checked", "aside", "swapped", "old-partly-removed", "old-removed")
 _TAG = ".rnnloss-"
+_RENAME_EXCHANGE, _AT_FDCWD = 2, -100  # <linux/fs.h>, <fcntl.h>
 
 
 def kill_point(step: str) -> None:
@@ -94,9 +70,8 @@ def _names(folder: Path, entries: List[str]) -> str:
 
 
 def occupant(real: Path) -> Tuple[str, str]:
-    """What is at ``real``: ``("free", "")`` (missing or empty folder), ``("export", "")`` (an
-    earlier export, nothing else in it, unchanged), ``("blocked", why)`` or ``("unreadable", why)``
-    (the user may not read what is there, so it cannot be checked)."""
+    """What is at ``real``: ``("free", "")`` (missing or empty folder), ``("export", "")`` (an earlier, unchanged
+    export and nothing else), ``("blocked", why)``, or ``("unreadable", why)`` (so it cannot be checked)."""
     if not os.path.lexists(real):
         return "free", ""
     if real.is_symlink():  # only a symlink loop survives realpath
@@ -117,13 +92,11 @@ def occupant(real: Path) -> Tuple[str, str]:
         return "unreadable", str(e)
     except NotAnExport as e:
         return "blocked", f"{real} holds {_names(real, entries)}: not an export of {GENERATOR} ({e})"
-    listed = manifest["sha256"]
-    foreign = [e for e in entries if e != MANIFEST and (e not in listed or not is_plain_file(real / e))]
-    if foreign:
-        return "blocked", (f"{real} holds {_names(real, foreign)} besides the export its {MANIFEST} lists")
-    # A listed artifact may be missing (nothing of the user's is lost then); the first changed one blocks.
     present = [e for e in entries if e != MANIFEST]
-    try:
+    foreign = [e for e in present if e not in manifest["sha256"] or not is_plain_file(real / e)]
+    if foreign:
+        return "blocked", f"{real} holds {_names(real, foreign)} besides the export its {MANIFEST} lists"
+    try:  # a listed artifact may be missing (nothing of the user's is lost then); the first changed one blocks
         changed = next((name for name, why in check_sums(real, manifest, present) if why == "changed"), None)
     except OSError as e:
         return "unreadable", f"cannot read {e.filename}: {e.strerror}, so it cannot be checked against {MANIFEST}"
@@ -152,8 +125,8 @@ def _unwritable(folder: Path) -> str:
 
 
 def _sticky_refuses(folder: Path, entry: Path) -> bool:
-    """Whether sticky ``folder`` (like /tmp) keeps this user from renaming or deleting ``entry``:
-    only the owner of the entry or of the folder (or root) may."""
+    """Whether sticky ``folder`` (like /tmp) keeps this user from renaming or deleting ``entry``: only the owner
+    of the entry or of the folder (or root) may."""
     euid = os.geteuid() if hasattr(os, "geteuid") else 0
     if euid == 0:
         return False
@@ -162,8 +135,8 @@ def _sticky_refuses(folder: Path, entry: Path) -> bool:
 
 
 def permission_problem(real: Path, kind: str) -> str:
-    """Why this user may not install an export at ``real``, holding ``kind`` (see :func:`occupant`);
-    empty when nothing stands in the way."""
+    """Why this user may not install an export at ``real``, holding ``kind`` (see :func:`occupant`); empty when
+    nothing stands in the way."""
     folder = existing_ancestor(real.parent)
     if not folder.is_dir():
         return f"{folder} is a file, not a folder"
@@ -173,8 +146,7 @@ def permission_problem(real: Path, kind: str) -> str:
             return f"cannot create {real.parent}: {why}"
         return f"{why} (the export is built beside {real.name} and renamed into place)"
     if os.path.lexists(real) and _sticky_refuses(real.parent, real):
-        return (f"{real} belongs to another user and {real.parent} is sticky (like /tmp): only the owner may "
-                "replace it")
+        return f"{real} belongs to another user and {real.parent} is sticky (like /tmp): only the owner may replace it"
     if kind == "export":
         why = _unwritable(real)
         if why:
@@ -186,8 +158,7 @@ def permission_problem(real: Path, kind: str) -> str:
 
 
 def check_target(real: Path, label: str, force: bool) -> str:
-    """Raise InTheWay unless ``real`` may receive an export (see the module docstring); returns
-    what is there, ``"free"`` or ``"export"``."""
+    """Raise InTheWay unless ``real`` may receive an export; returns what is there, ``"free"`` or ``"export"``."""
     kind, why = occupant(real)
     if kind == "blocked":
         raise InTheWay(f"{label}: {why}; nothing was changed (--force replaces only an empty folder "
@@ -205,21 +176,17 @@ def check_target(real: Path, label: str, force: bool) -> str:
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # OverflowError: no PID is that large
         return False
     except OSError:  # EPERM: a process of another user
-        return True
+        pass
     return True
 
 
 def clean_leftovers(real: Path) -> List[str]:
-    """Remove the temporary entries of killed runs for the target ``real``; returns their names.
-
-    An entry set ``.NAME.rnnloss-PID-RANDOM.*`` is removed only when its lock can be taken and
-    PID is not running, and left when removing it fails. A dead run's ``.old`` (the fallback path
-    died between its two renames) is renamed back to ``real`` when ``real`` is missing, so the
-    old export returns.
-    """
+    """Remove the temporary entries of dead runs (their lock free, their PID not running) for the target ``real``;
+    returns their names. A dead run's ``.old`` (killed between the two renames) is renamed back to a missing
+    ``real`` first, so the old export returns."""
     if fcntl is None:  # pragma: no cover
         return []
     parent, prefix = real.parent, f".{real.name}{_TAG}"
@@ -233,7 +200,7 @@ def clean_leftovers(real: Path) -> List[str]:
         pid = tag.split("-", 1)[0]
         if not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
             continue
-        lock = parent / f"{prefix}{tag}.lock"
+        lock, tmp, old = (parent / f"{prefix}{tag}.{ext}" for ext in ("lock", "tmp", "old"))
         try:
             fd = os.open(lock, os.O_RDWR)
         except FileNotFoundError:
@@ -242,11 +209,7 @@ def clean_leftovers(real: Path) -> List[str]:
             continue
         try:
             if fd is not None:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except OSError:
-                    continue  # held: a live run after all
-            old, tmp = parent / f"{prefix}{tag}.old", parent / f"{prefix}{tag}.tmp"
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while held: a live run after all
             if old.is_dir() and not os.path.lexists(real):
                 os.rename(old, real)
             for path in (tmp, old):
@@ -257,32 +220,21 @@ def clean_leftovers(real: Path) -> List[str]:
                 os.unlink(lock)
                 removed.append(lock.name)
         except OSError:
-            continue  # this user may not remove it (another user's, say): it is left, and blocks nothing
+            continue  # locked, or this user may not remove it (another user's, say): it is left, and blocks nothing
         finally:
             if fd is not None:
                 os.close(fd)
     return removed
 
 
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
-
-
-def _renameat2():
+def exchange(a: Path, b: Path) -> bool:
+    """Atomically swap the names ``a`` and ``b``; False where the OS or file system cannot."""
     try:
         fn = ctypes.CDLL(None, use_errno=True).renameat2  # glibc >= 2.28
     except (AttributeError, OSError):
-        return None
+        return False
     fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     fn.restype = ctypes.c_int
-    return fn
-
-
-def exchange(a: Path, b: Path) -> bool:
-    """Atomically swap the names ``a`` and ``b``; False where the OS or file system cannot."""
-    fn = _renameat2()
-    if fn is None:
-        return False
     if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
         return True
     err = ctypes.get_errno()
@@ -294,17 +246,14 @@ def exchange(a: Path, b: Path) -> bool:
 class Workspace:
     """This run's lock and temporary folder beside the target ``real`` (a context manager).
 
-    Entering removes dead runs' leftovers, then creates and locks ``.lock`` and makes ``tmp``
-    (the folder to write the export into). Leaving removes ``tmp`` and ``old`` if they still
-    exist and then the lock, whether the run succeeded, failed or raised.
+    Entering removes dead runs' leftovers, then creates and locks ``lock`` and makes ``tmp`` (where the export
+    is written). Leaving removes ``tmp``, ``old`` and then the lock, however the run ended.
     """
 
     def __init__(self, real: Path, *, use_exchange: bool = True) -> None:
         self.real = real
-        stem = f".{real.name}{_TAG}{os.getpid()}-{secrets.token_hex(4)}"
-        self.lock = real.parent / f"{stem}.lock"
-        self.tmp = real.parent / f"{stem}.tmp"
-        self.old = real.parent / f"{stem}.old"
+        stem = real.parent / f".{real.name}{_TAG}{os.getpid()}-{secrets.token_hex(4)}"
+        self.lock, self.tmp, self.old = (Path(f"{stem}.{ext}") for ext in ("lock", "tmp", "old"))
         self.use_exchange = use_exchange
         self._fd: Optional[int] = None
 
@@ -325,32 +274,26 @@ class Workspace:
     def __exit__(self, *exc) -> None:
         try:
             for path in (self.tmp, self.old):
-                if os.path.lexists(path):
-                    shutil.rmtree(path, ignore_errors=True)
+                shutil.rmtree(path, ignore_errors=True)  # quiet when it is gone: installed, or never made
         finally:
             if self._fd is not None:
                 os.unlink(self.lock)
                 os.close(self._fd)
                 self._fd = None
 
-    def size(self) -> int:
-        """Bytes in the temporary folder (what a rejected build would keep)."""
-        return sum(p.stat().st_size for p in self.tmp.iterdir() if p.is_file())
-
     def install(self, dest: Path, label: str, force: bool) -> None:
-        """Make ``tmp`` the folder ``dest`` (checked again first; see the module docstring)."""
+        """Make ``tmp`` the folder ``dest``, checked again first (see the module docstring)."""
         kind = check_target(dest, label, force)
+        old = None
         if kind == "free":
             try:
                 os.rename(self.tmp, dest)  # replaces an empty folder atomically
             except OSError as e:
                 if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
-                    raise InTheWay(f"{label}: something appeared there during the export; nothing was changed") from None
+                    raise InTheWay(f"{label}: something appeared there during the export; nothing was changed") \
+                        from None
                 raise
-            kill_point("swapped")
-            return
-        if self.use_exchange and exchange(self.tmp, dest):
-            kill_point("swapped")
+        elif self.use_exchange and exchange(self.tmp, dest):
             old = self.tmp  # now the old export
         else:
             os.rename(dest, self.old)
@@ -360,8 +303,10 @@ class Workspace:
             except BaseException:
                 os.rename(self.old, dest)  # put the old one back before anything else
                 raise
-            kill_point("swapped")
             old = self.old
+        kill_point("swapped")
+        if old is None:
+            return
         try:
             self._remove(old)
         except OSError as e:  # checked before, so only if its permissions changed during the run
