@@ -43,9 +43,10 @@ $(NODE_STAMP):
 
 venv: $(STAMP)
 
-## Run the whole test suite (what CI runs).
+## Run the whole test suite (what CI runs), on two workers: the C++ tests (one build) on one of them.
+PYTEST_WORKERS ?= -n 2 --dist loadgroup
 test: $(STAMP) $(NODE_STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 ## The quick subset for a change to the Python core: no C++ builds, no slow tests.
 test-fast: $(STAMP)
@@ -93,8 +94,8 @@ clean:
 	rm -rf build $(CPP_BUILD) $(OUT) site .pytest_cache examples/out
 
 ## The neurogym example in its own venv (neurogym pins numpy 2.2). The figure goes to
-## EXAMPLE_OUT, which git ignores; `make example EXAMPLE_OUT=docs/neurogym_task.png` refreshes the
-## README's figure on purpose. EXAMPLE_ARGS passes options (e.g. EXAMPLE_ARGS="--decision-weight 1").
+## EXAMPLE_OUT, which git ignores; `make example EXAMPLE_OUT=docs/neurogym_task.png` refreshes the docs'
+## figure on purpose. EXAMPLE_ARGS passes options (e.g. EXAMPLE_ARGS="--decision-weight 1").
 EXAMPLE_VENV ?= .venv-example
 EXAMPLE_STAMP := $(EXAMPLE_VENV)/.installed-stamp
 EXAMPLE_OUT ?= examples/out/neurogym_task.png

@@ -1,5 +1,5 @@
 """The C++ build the tests of this folder share: cpp/ configured and built once per session into
-cpp/build (the Makefile's ``cpp`` target builds there too; setuptools' build/ is left alone), installed
+cpp/build-tests (at -O1; the Makefile's ``cpp`` target builds cpp/build; setuptools' build/ is left alone), installed
 into a temporary prefix, and an outside project built against that prefix in the background (a compile
 of libtorch's headers without a precompiled header: about 20 s of one core, overlapped with the tests)."""
 import os
@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from cpp_cases import BUILD, CONSUMER_CMAKE, CONSUMER_MAIN, configure_command, forget_other_torch
+from cpp_cases import BUILD, CONSUMER_CMAKE, CONSUMER_MAIN, TEST_FLAGS, configure_command, forget_other_torch
 
 
 def check(command, **kw):
@@ -68,7 +68,7 @@ def cpp_build(request, tmp_path_factory):
         pytest.skip("cmake and a C++ compiler are needed to build cpp/")
     start = time.monotonic()
     forget_other_torch(BUILD)
-    check(configure_command(BUILD, "-DRNNLOSS_BUILD_PROGRAMS=ON", "-DRNNLOSS_BUILD_TESTS=ON"))
+    check(configure_command(BUILD, "-DRNNLOSS_BUILD_PROGRAMS=ON", "-DRNNLOSS_BUILD_TESTS=ON", *TEST_FLAGS))
     check(["cmake", "--build", str(BUILD), "-j", str(os.cpu_count() or 2)])
     seconds = time.monotonic() - start
     prefix = tmp_path_factory.mktemp("install") / "prefix"

@@ -11,7 +11,7 @@ from rnnloss import CTRNN, RNNLoss, rules
 from rnnloss.export.native import NATIVE, native_payload, save_native
 from rnnloss.rules import Rule, where
 
-pytestmark = pytest.mark.cpp
+pytestmark = [pytest.mark.cpp, pytest.mark.xdist_group("cpp")]  # one worker builds and runs the C++
 CPP_RULES = {rule for rule in Rule if "C" in where(rule)}
 RATES = dict(lambda_mse=1.0, lambda_fr=0.1, lambda_fr_sd=0.1, lambda_fr_cv=0.1)  # no weight penalty
 C10_KIND = {"c10::Error": "RuntimeError"}  # what Python calls the exception C++ throws as c10::Error

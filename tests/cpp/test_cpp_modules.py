@@ -9,7 +9,7 @@ from cpp_cases import ALL_ON, TOL, loss_inputs, make_loss, masked_model, run_cas
 from rnnloss import CTRNN, RNNLoss
 from rnnloss.export.native import native_payload
 
-pytestmark = pytest.mark.cpp
+pytestmark = [pytest.mark.cpp, pytest.mark.xdist_group("cpp")]  # one worker builds and runs the C++
 
 
 @pytest.mark.parametrize("variant", ["plain", "masked"])

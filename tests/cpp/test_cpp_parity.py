@@ -8,7 +8,7 @@ from cpp_cases import (ACTIVATIONS, ALL_ON, COVERING, TOL, assert_loss_result, l
 from rnnloss import CTRNN, RNNLoss
 from rnnloss.export.native import NATIVE, native_payload, save_native
 
-pytestmark = pytest.mark.cpp
+pytestmark = [pytest.mark.cpp, pytest.mark.xdist_group("cpp")]  # one worker builds and runs the C++
 LAYOUTS = {"time_first": False, "batch_first": True}
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 SUBSETS = COVERING  # every component alone, every pair, all seven, a seeded sample of 10 others

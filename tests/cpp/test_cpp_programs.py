@@ -16,7 +16,7 @@ from rnnloss.export.config import validate
 from rnnloss.export.native import NATIVE, native_payload, save_native
 from rnnloss.trainer import CTRNNTrainer
 
-pytestmark = pytest.mark.cpp
+pytestmark = [pytest.mark.cpp, pytest.mark.xdist_group("cpp")]  # one worker builds and runs the C++
 CONFIG = validate({"model": {"dims": [3, 32, 2]}, "example": {"time": 6, "batch": 3}})
 LOSS_PT, TRAIN_PT = "rnn_loss.pt", "ctrnn_train.pt"
 

@@ -8,7 +8,7 @@ import torch
 
 from cpp_cases import configure_command
 
-pytestmark = pytest.mark.cpp
+pytestmark = [pytest.mark.cpp, pytest.mark.xdist_group("cpp")]  # one worker builds and runs the C++
 
 
 @pytest.fixture

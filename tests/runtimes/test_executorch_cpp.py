@@ -26,7 +26,7 @@ from rnnloss.export.parity import gradient_rtol, sum_rtol
 from runtime_exports import export_to
 
 executorch = pytest.importorskip("executorch", reason="executorch is not installed (requirements/executorch.txt)")
-pytestmark = [pytest.mark.cpp, pytest.mark.slow]
+pytestmark = [pytest.mark.cpp, pytest.mark.slow, pytest.mark.xdist_group("cpp")]
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = Path(executorch.__path__[0]) / "share" / "cmake"
