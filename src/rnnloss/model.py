@@ -71,22 +71,25 @@ class CTRNN(nn.Module):
 
     Args:
         dims: ``(N_in, N_hid, N_out)``, positive integers.
-        tau, dt: time constant and step (same unit); α = dt / τ must lie in (0, 1].
+        tau: time constant (the unit of dt); α = dt / τ must lie in (0, 1].
+        dt: the Euler step.
         activation: one of ``relu``, ``tanh``, ``sigmoid``, ``softplus``, ``retanh`` (max(tanh(x), 0)).
-        preact_noise, postact_noise: σ_pre and σ_post, ≥ 0; used in training mode only.
+        preact_noise: σ_pre, ≥ 0; used in training mode only.
+        postact_noise: σ_post, ≥ 0; used in training mode only.
         biases: for all three layers or as a sequence (input, hidden, readout), each one of ``True``
             (= ``"uniform"``), ``"uniform"``, ``"normal"``, ``"zero"`` (learnable, from 0), ``None`` (a zero
             bias that is not trained: nn4n's default), ``False`` (no bias parameter at all) or a tensor
             (N_out_layer,) holding the initial bias.
         weights: initialisation for all layers or as a sequence of three: ``"uniform"`` (U(±1/√fan_in)),
             ``"normal"`` (N(0, 1/fan_in)), ``"zero"``, or a tensor shaped like the weight (out × in).
-        sparsity_masks, ei_masks, plasticity_masks: each ``None`` or a sequence (input, hidden, readout) of
-            ``None`` or tensors shaped like the weight (out × in). Sparsity: 0 marks an absent synapse. E/I:
-            +1 excitatory, −1 inhibitory, 0 unconstrained, also 1-D of length ``in_features`` (one sign per
-            presynaptic neuron — Dale's law); at initialisation the constrained weights take their sign
-            (|w|·sign) and, where a layer has both signs, the larger of the summed excitatory and inhibitory
-            weight is scaled down to match the other (E/I balance). Plasticity: ≥ 0, per-synapse learning-rate
-            scales applied to the gradients by :meth:`apply_plasticity` (0 freezes a synapse).
+        sparsity_masks: ``None`` or a sequence (input, hidden, readout) of ``None`` or tensors shaped like the
+            weight (out × in); 0 marks an absent synapse.
+        ei_masks: the same, of signs: +1 excitatory, −1 inhibitory, 0 unconstrained, also 1-D of length
+            ``in_features`` (one sign per presynaptic neuron — Dale's law); at initialisation the constrained
+            weights take their sign (|w|·sign) and, where a layer has both signs, the larger of the summed
+            excitatory and inhibitory weight is scaled down to match the other (E/I balance).
+        plasticity_masks: the same, ≥ 0: per-synapse learning-rate scales applied to the gradients by
+            :meth:`apply_plasticity` (0 freezes a synapse).
         init_state: ``"zero"`` (v_0 = 0) or ``"learn"`` (v_0 = ``recurrent_layer.hidden_state``, trained).
             An ``init_state`` argument to ``forward`` overrides both.
         learn_alpha: train one α per neuron (``recurrent_layer.alpha``, initialised to dt/τ and kept in

@@ -73,3 +73,14 @@ def test_files_generated_from_the_rules_table_are_up_to_date(target, path):
                             timeout=120, env=child_env())
     assert result.returncode == 0, result.stderr[-2000:]
     assert (ROOT / path).read_text() == result.stdout, f"{path} is stale: run python -m rnnloss.rules {target} > {path}"
+
+
+def test_the_documentation_site_builds_with_warnings_as_errors(tmp_path):
+    # A broken API reference (a renamed function, a docstring griffe cannot parse) or a dead page fails here.
+    pytest.importorskip("mkdocs", reason="mkdocs is not installed (requirements/docs.txt)")
+    result = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**child_env(), "NO_MKDOCS_2_WARNING": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    for page in ("formulas", "api", "export", "cpp", "errors", "parity", "benchmarks", "design"):
+        assert (tmp_path / "site" / page / "index.html").is_file(), page
