@@ -252,3 +252,21 @@ def test_artifact_size_follows_the_weights(tmp_path):
     weights = sum(t.numel() * t.element_size() for t in artifacts.build(config).model.state_dict().values())
     sizes = {name: (tmp_path / "big" / name).stat().st_size for name in manifest_of(tmp_path / "big")["sha256"]}
     assert all(size <= 1.5 * weights + 256 * 1024 for size in sizes.values()), (weights, sizes)
+
+
+@pytest.mark.parametrize("name", ["rnn_loss.pt", "ctrnn_train.pt"])
+def test_the_scripted_files_store_lambda_exactly_as_eager_and_refuse_what_eager_refuses(exported, name):
+    # 0.1 and 1e-50 are not float32 numbers: stored as the float64 values (1e-50 through float32 would be 0,
+    # silently switching the component off); a bool is refused as by the constructor.
+    module = torch.jit.load(str(exported / name))
+    buffer = module.lambdas if name == "rnn_loss.pt" else module.loss.lambdas
+    eager = RNNLoss(CTRNN((3, 16, 2)), lambda_fr=1.0)
+    for value in (0.1, 1e-50, 3):
+        module.set_lambda("fr", value)
+        eager.set_lambda("fr", value)
+        assert buffer[4].item() == eager.lambdas[4].item() == float(value)
+    for value, text in ((True, "got a bool"), (-1.0, "got a negative value"), (float("nan"), "got NaN")):
+        with pytest.raises(Exception, match=text):
+            module.set_lambda("fr", value)
+        with pytest.raises((TypeError, ValueError), match=text):
+            eager.set_lambda("fr", value)
