@@ -124,3 +124,42 @@ def test_the_loss_program_refuses_what_the_graphs_refuse(programs):
                 [pred, label, states, negative], [pred, label, states, nan],
                 [pred[:0], label[:0], states, mask[:0]]):
         _refused(method, [t.contiguous() for t in bad])  # (ExecuTorch refuses other layouts itself)
+
+
+def test_the_training_program_refuses_inputs_of_another_size_or_a_bad_mask(programs):
+    from executorch.extension.training import _load_for_executorch_for_training
+    _, _, folder = programs
+    train = _load_for_executorch_for_training(str(folder / "ctrnn_train.pte"))
+    g = torch.Generator().manual_seed(2)
+    x, target, mask = torch.randn(6, 4, 3, generator=g), torch.randn(6, 4, 2, generator=g), torch.rand(6, 4, 2,
+                                                                                                      generator=g)
+    assert torch.isfinite(train.forward_backward("forward", [x, target, mask])[0])
+    negative = mask.clone()
+    negative[0, 0, 0] = -1.0
+    for bad in ([torch.randn(7, 4, 3), target, mask], [torch.randn(6, 4, 4), target, mask],
+                [x, torch.randn(6, 4, 3), mask], [x, torch.randn(6, 4, 1), mask], [x, torch.randn(7, 4, 2), mask],
+                [x, torch.randn(5, 4, 2), mask], [x, torch.randn(6, 5, 2), mask], [x, target, torch.rand(6, 4, 3)],
+                [x, target, torch.rand(6, 3, 2)], [x, target, negative], [x, target, mask * float("nan")]):
+        with pytest.raises(RuntimeError, match="Failed to execute"):
+            train.forward_backward("forward", bad)
+
+
+def test_with_one_output_the_programs_refuse_a_wider_pred_target_or_mask(tmp_path):
+    """An example axis of size 1 would be fixed by torch.export, and the runtime does not check fixed axes."""
+    from executorch.extension.training import _load_for_executorch_for_training
+    from executorch.runtime import Runtime
+    loss, _ = export_to(tmp_path, {**CONFIG, "model": {"dims": [3, 16, 1]}}, {"rnn_loss.pte", "ctrnn_train.pte"})
+    method = Runtime.get().load_program(str(tmp_path / "rnn_loss.pte")).load_method("forward")
+    train = _load_for_executorch_for_training(str(tmp_path / "ctrnn_train.pte"))
+    pred, label, states, mask = sample_inputs(loss, 6, 4, seed=3, mask=True)
+    with torch.no_grad():
+        torch.testing.assert_close(method.execute([pred, label, states, mask])[1], loss(pred, label, states, mask)[1],
+                                   rtol=1e-4, atol=1e-7)
+    wide = [t.expand(6, 4, 2).contiguous() for t in (pred, label, mask)]
+    for bad in ([wide[0], wide[1], states, wide[2]], [pred, wide[1], states, mask], [pred, label, states, wide[2]]):
+        _refused(method, bad)
+    x = torch.randn(6, 4, 3)
+    assert torch.isfinite(train.forward_backward("forward", [x, label, mask])[0])
+    for bad in ([x, wide[1], mask], [x, label, wide[2]]):
+        with pytest.raises(RuntimeError, match="Failed to execute"):
+            train.forward_backward("forward", bad)

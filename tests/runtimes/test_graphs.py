@@ -96,26 +96,27 @@ class TestExportedGraphsCUDA(ExportedGraphsMatchEager):
 
 @pytest.mark.slow
 def test_an_aotinductor_build_of_the_pt2_refuses_bad_shapes_with_default_options(tmp_path):
-    """AOTInductor drops torch.export's input guards: the .pt2's size checks are graph nodes, which it keeps."""
+    """AOTInductor drops torch.export's input guards: the .pt2's size checks are graph nodes, which it keeps —
+    also for N_out = 1, whose example would otherwise fix that axis (a fixed axis is checked by a guard only)."""
     from torch._inductor import aoti_compile_and_package, aoti_load_package
-    loss, _ = export_to(tmp_path, {"model": {"dims": [3, 16, 2]}, "example": {"time": 6, "batch": 3}}, {"rnn_loss.pt2"})
+    loss, _ = export_to(tmp_path, {"model": {"dims": [3, 16, 1]}, "example": {"time": 6, "batch": 3}}, {"rnn_loss.pt2"})
     package = aoti_compile_and_package(torch.export.load(str(tmp_path / "rnn_loss.pt2")),
                                        package_path=str(tmp_path / "aoti.pt2"))
     compiled = aoti_load_package(package)
     g = torch.Generator().manual_seed(0)
 
-    def inputs(pred=(7, 3, 2), label=None, states=(7, 3, 16)):
+    def inputs(pred=(7, 3, 1), label=None, states=(7, 3, 16)):
         return (torch.randn(*pred, generator=g), torch.randn(*(label or pred), generator=g),
                 torch.rand(*states, generator=g))
 
-    for args in (inputs(), inputs((1, 1, 2), states=(1, 1, 16)), inputs(states=(4, 5, 16))):
+    for args in (inputs(), inputs((1, 1, 1), states=(1, 1, 16)), inputs(states=(4, 5, 16))):
         with torch.no_grad():
             torch.testing.assert_close(compiled(*args)[1], loss(*args)[1], rtol=RTOL_SAME, atol=1e-8)
-    refused = {"pred and label must have the same shape": [inputs(label=(7, 4, 2)), inputs(label=(7, 1, 2)),
-                                                            inputs(label=(7, 3, 5)), inputs(label=(8, 3, 2))],
+    refused = {"pred and label must have the same shape": [inputs(label=(7, 4, 1)), inputs(label=(7, 1, 1)),
+                                                            inputs(label=(7, 3, 2)), inputs(label=(8, 3, 1))],
                "states must have N_hid=16 as its last dimension": [inputs(states=(7, 3, 15))],
-               "pred must have shape [time, batch, 2]": [inputs((7, 3, 5), states=(7, 3, 16))],
-               "pred must not be empty": [inputs((0, 3, 2))]}
+               "pred must have shape [time, batch, 1]": [inputs((7, 3, 2), states=(7, 3, 16))],
+               "pred must not be empty": [inputs((0, 3, 1))]}
     for message, cases in refused.items():
         for args in cases:
             with pytest.raises(RuntimeError, match=message.replace("[", r"\[").replace("]", r"\]")):

@@ -21,7 +21,7 @@ from ..rules import COMPONENT_NAMES, LAMBDA_NAMES
 from ..trainer import CTRNNTrainer
 from . import executorch, onnx_checks
 from .folder import GENERATOR
-from .tracing import guarded, quiet, write_bytes
+from .tracing import guarded, quiet, unspecialized, write_bytes
 from .native import NATIVE, from_torchscript, load_native, load_scripted, save_native
 from .parity import Row, compare_loss, fresh_shapes, gradient_rtol, run_row, sum_rtol, trainable, weights
 
@@ -193,10 +193,10 @@ def dynamic_shapes(config: Dict[str, Any], names: Sequence[str], every_axis: boo
     declared = input_shapes(config)
     dims: Dict[str, Any] = {}
     out = {}
-    for name in names:  # a last axis of size 1 (N_out or N_hid = 1) stays static: export fixes size-1 examples
+    for name in names:  # (every_axis: examples through tracing.unspecialized)
         key = (lambda k: f"{name}_{k}") if every_axis else (lambda k: str(declared[name][k]))
         out[name] = {k: dims.setdefault(key(k), Dim(key(k), min=1)) for k in range(3)
-                     if isinstance(declared[name][k], str) or (every_axis and declared[name][k] > 1)}
+                     if every_axis or isinstance(declared[name][k], str)}
     return out
 
 
@@ -207,7 +207,7 @@ def _names(example: Sequence[torch.Tensor]) -> Tuple[str, ...]:
 def _write_pt2(b: Build, path: Path) -> None:
     b.loss.check_lambdas()  # λ become constants of the program
     with quiet():
-        program = torch.export.export(guarded(b.loss), tuple(b.example),
+        program = torch.export.export(guarded(b.loss), unspecialized(b.example),
                                       dynamic_shapes=dynamic_shapes(b.config, _names(b.example), every_axis=True))
     # Saved with its example inputs, whose rates can outweigh the weights: a 2 x 2 slice keeps what loading
     # uses them for (the guards' messages name the inputs' axes).

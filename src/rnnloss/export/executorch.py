@@ -6,9 +6,10 @@ exactly ``executorch.time`` steps (the config; a wrong length, width or dtype st
 with an error). ``torch.export``'s ``scan`` would give a dynamic time axis, but ExecuTorch 1.5 runs it only
 with a static batch, and it was no faster; a fixed length per program keeps one program for every batch.
 The batch is dynamic up to ``executorch.max_batch``; ``rnn_loss.pte`` takes any time up to
-``executorch.time``. The ExecuTorch runtime checks neither static axes nor which inputs must share a size,
-and its lowering drops assertion nodes, so the size rules are nodes that index out of range when a rule
-fails (:class:`~rnnloss.export.tracing.Refusals`): a bad input ends in an error (``0x12``, the kernel's
+``executorch.time``. The ExecuTorch runtime checks no rule between inputs (nor, in the training module, a
+fixed axis of target or mask), and its lowering drops assertion nodes: so every axis of the loss's inputs and of
+target and mask is a bounded dimension of its own, and the size rules are nodes that index out of range when a
+rule fails (:class:`~rnnloss.export.tracing.Refusals`): a bad input ends in an error (``0x12``, the kernel's
 message on stderr), never a number. Every program also answers ``rnnloss_json`` (the export's description),
 ``time_steps`` and ``max_batch`` as constant methods. Programs run the portable kernels (XNNPACK brought no
 gain for these small matrix products).
@@ -18,13 +19,13 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 from torch import nn
 
 from .parity import Row, compare_loss, gradient_rtol, run_row, sum_rtol
-from .tracing import Refusals, checked_like_pred, guarded, quiet
+from .tracing import Refusals, checked_like_pred, guarded, quiet, unspecialized
 
 TRAIN_STEPS, TRAIN_LR = 100, 0.05  # the SGD trajectory ctrnn_train.pte is checked on
 
@@ -48,7 +49,7 @@ def _batch_dim(config):
     return Dim("batch", min=1, max=config["executorch"]["max_batch"])
 
 
-def _model_inputs(config, batch: int, seed: int, n_out: Optional[int] = None, mask: bool = False):
+def _model_inputs(config, batch: int, seed: int, mask: bool = False):
     g = torch.Generator().manual_seed(seed)
     n_in, _, outputs = config["model"]["dims"]
     lead = [config["executorch"]["time"]] * 2
@@ -78,20 +79,22 @@ def write_model(b, path: Path) -> None:
 
 
 def write_loss(b, path: Path) -> None:
-    from torch.export import Dim
-
-    ex = b.config["executorch"]
-    n = {"pred": b.loss.model.n_out, "label": b.loss.model.n_out, "mask": b.loss.model.n_out,
-         "states": b.loss.n_hid}
-    first, second = (1, 0) if b.config["model"]["batch_first"] else (0, 1)
-    example = [t[:2, :2].contiguous() for t in b.example]  # (batch-first rates are a transposed view)
-    shapes = {name: {first: Dim(f"{name}_time", min=1, max=ex["time"]),
-                     second: Dim(f"{name}_batch", min=1, max=ex["max_batch"]),
-                     **({2: Dim(f"{name}_n", min=1, max=n[name])} if n[name] > 1 else {})}
-              for name in ("pred", "label", "states", "mask")[:len(example)]}
+    n_out = b.loss.model.n_out
+    example = unspecialized([t[:2, :2].contiguous() for t in b.example])  # (batch-first rates: a transposed view)
+    shapes = {name: _own_axes(b.config, name, n) for name, n in
+              zip(("pred", "label", "states", "mask"), (n_out, n_out, b.loss.n_hid, n_out)[:len(example)])}
     b.loss.check_lambdas()
     with quiet():
-        _lower(torch.export.export(guarded(b.loss, by_index=True), tuple(example), dynamic_shapes=shapes), path, b)
+        _lower(torch.export.export(guarded(b.loss, by_index=True), example, dynamic_shapes=shapes), path, b)
+
+
+def _own_axes(config, name: str, n: int):
+    """Every axis of an input its own dimension, bounded by the program's time, batch and ``n`` (at least 2:
+    see :func:`~rnnloss.export.tracing.unspecialized`), so that each size rule is a node of the graph."""
+    from torch.export import Dim
+    ex, batch = config["executorch"], _batch_axis(config)
+    bounds = {1 - batch: ("time", ex["time"]), batch: ("batch", ex["max_batch"]), 2: ("n", n)}
+    return {k: Dim(f"{name}_{what}", min=1, max=max(2, bound)) for k, (what, bound) in bounds.items()}
 
 
 class TrainStep(nn.Module):
@@ -115,15 +118,13 @@ class TrainStep(nn.Module):
 def write_train(b, path: Path) -> None:
     import copy
 
-    from torch.export import Dim
     from torch.export.experimental import _export_forward_backward
 
     loss = copy.deepcopy(b.loss)  # in eval mode: the program draws no noise (documented)
-    inputs = _model_inputs(b.config, 2, 0, mask=b.config["mask"])
-    axis = _batch_axis(b.config)
-    shapes = {"x": {axis: _batch_dim(b.config)}}
-    for name in ("target", "mask")[:len(inputs) - 1]:
-        shapes[name] = {axis: Dim(f"{name}_batch", min=1, max=b.config["executorch"]["max_batch"])}
+    x, *rest = _model_inputs(b.config, 2, 0, mask=b.config["mask"])
+    inputs = (x, *unspecialized(rest))
+    shapes = {"x": {_batch_axis(b.config): _batch_dim(b.config)},
+              **{name: _own_axes(b.config, name, loss.model.n_out) for name in ("target", "mask")[:len(rest)]}}
     with quiet():
         program = torch.export.export(TrainStep(loss), inputs, dynamic_shapes=shapes, strict=False)
         _lower(_export_forward_backward(program), path, b, edge=True)

@@ -6,7 +6,7 @@ import io
 import logging
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence, Tuple
 
 import torch
 
@@ -57,6 +57,13 @@ def checked_like_pred(pred, label, states, mask, n_out: int, n_hid: int, check):
     if states is not None:
         check(torch.scalar_tensor(states.size(-1)) == n_hid, head(Rule.STATES_LAST_DIM, n_hid))
     return like_pred(label, head(Rule.LABEL_SHAPE)), None if mask is None else like_pred(mask, head(Rule.MASK_SHAPE))
+
+
+def unspecialized(example: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
+    """The examples with every axis of size 1 repeated to 2 (values kept valid): torch.export fixes an axis
+    whose example has size 1, and a fixed axis is checked by an input guard only, which AOTInductor's build and
+    the ExecuTorch runtime drop — a pred 2 wide would pass a graph for N_out = 1."""
+    return tuple(t.expand(*[max(2, s) for s in t.shape]).contiguous() if 1 in t.shape else t for t in example)
 
 
 class Refusals:
