@@ -148,14 +148,20 @@ def test_ctrnn_run_refuses_what_breaks_the_contract_before_running(programs, exp
     assert done.stderr.startswith("ctrnn_run: loading "), done.stderr
 
 
-def test_ctrnn_train_run_follows_eager_sgd(programs, exported, tmp_path):
-    loss, config, folder = exported
+def train_inputs(config, batch, g):
+    """x, target and (with a mask in the config) mask for ctrnn_train_run, of the program's time length."""
     n_in, _, n_out = config["model"]["dims"]
     steps = config["executorch"]["time"]
-    g = torch.Generator().manual_seed(3)
-    inputs = {"x": lay_out(config, steps, 5, n_in, g), "target": lay_out(config, steps, 5, n_out, g)}
+    inputs = {"x": lay_out(config, steps, batch, n_in, g), "target": lay_out(config, steps, batch, n_out, g)}
     if config["mask"]:
-        inputs["mask"] = lay_out(config, steps, 5, n_out, g, rand=True)
+        inputs["mask"] = lay_out(config, steps, batch, n_out, g, rand=True)
+    return inputs
+
+
+def test_ctrnn_train_run_follows_eager_sgd(programs, exported, tmp_path):
+    loss, config, folder = exported
+    g = torch.Generator().manual_seed(3)
+    inputs = train_inputs(config, 5, g)
     write_tensors(tmp_path / "in.bin", **inputs)
     done = run(programs["ctrnn_train_run"], folder / "ctrnn_train.pte", tmp_path / "in.bin", tmp_path / "out.bin",
                "--steps", STEPS, "--lr", LR)
@@ -188,12 +194,10 @@ def test_ctrnn_train_run_follows_eager_sgd(programs, exported, tmp_path):
 
 def test_ctrnn_train_run_refuses_bad_inputs_and_options_before_running(programs, exported, tmp_path):
     _, config, folder = exported
-    n_in, _, n_out = config["model"]["dims"]
+    n_out = config["model"]["dims"][2]
     steps = config["executorch"]["time"]
     g = torch.Generator().manual_seed(4)
-    good = {"x": lay_out(config, steps, 3, n_in, g), "target": lay_out(config, steps, 3, n_out, g)}
-    if config["mask"]:
-        good["mask"] = lay_out(config, steps, 3, n_out, g, rand=True)
+    good = train_inputs(config, 3, g)
     negative = good.get("mask", good["target"]).clone()
     negative.view(-1)[0] = -1.0
     cases = [({**good, "target": lay_out(config, steps, 2, n_out, g)}, ["--steps", 1, "--lr", LR], "its batch differs"),

@@ -138,12 +138,16 @@ CONSUMERS = {"onnxruntime": run_ort, "onnxruntime-node": run_node, "onnx.referen
              "onnx2torch": run_onnx2torch}
 
 
-@pytest.mark.parametrize("consumer", list(CONSUMERS))
-def test_every_consumer_loads_the_graph_and_gives_eagers_values(graph, consumer):
-    loss, config, path = graph
+def available(consumer):
     if consumer == "onnx2torch":
         stub_torchvision()
         pytest.importorskip("onnx2torch", reason="onnx2torch is not installed (requirements/no-deps.txt)")
+
+
+@pytest.mark.parametrize("consumer", list(CONSUMERS))
+def test_every_consumer_loads_the_graph_and_gives_eagers_values(graph, consumer):
+    loss, config, path = graph
+    available(consumer)
     for shape_seed, extra in enumerate([{}, {"states": (2, 5, config["model"]["dims"][1])}]):  # states: own samples
         f = feeds(config, seed=shape_seed, **extra)
         got, ref = CONSUMERS[consumer](path, f), eager(loss, f)
@@ -169,9 +173,7 @@ def _bad_inputs(config):
 @pytest.mark.parametrize("consumer", list(CONSUMERS))
 def test_no_consumer_turns_a_refused_input_into_a_number(graph, consumer):
     loss, config, path = graph
-    if consumer == "onnx2torch":
-        stub_torchvision()
-        pytest.importorskip("onnx2torch", reason="onnx2torch is not installed (requirements/no-deps.txt)")
+    available(consumer)
     for case, (shapes, message) in _bad_inputs(config).items():
         f = feeds(config, **shapes)
         with pytest.raises(Exception) as refused:
