@@ -19,6 +19,7 @@ inline constexpr const char* kLambdaName = "set_lambda: name must be one of {}, 
 inline constexpr const char* kLambdasBuffer = "lambdas must be a float64 tensor of shape [7], got dtype {} and shape {}";  // ValueError, ESC
 inline constexpr const char* kLambdasValues = "lambdas must be finite in float32, >= 0, and 0 for inactive components";  // ValueError, ESC
 inline constexpr const char* kSyncEagerOnly = "RNNLoss(sync_stats=True) runs eagerly only: its all-reduce of the statistics cannot be scripted or exported; build the loss with sync_stats=False for TorchScript, ONNX or torch.export";  // ValueError, ES
+inline constexpr const char* kSyncNoGroup = "RNNLoss(sync_stats=True) needs torch.distributed initialised: call torch.distributed.init_process_group before the first forward";  // ValueError, E
 inline constexpr const char* kNotFloat = "{} must be a floating-point tensor (float16, bfloat16, float32 or float64), got dtype {}";  // TypeError, ESC
 inline constexpr const char* kEmpty = "{} must not be empty, got shape {}";  // ValueError, ESCG
 inline constexpr const char* kLabelShape = "pred and label must have the same shape, got pred {} and label {}";  // ValueError, ESCG

@@ -117,7 +117,7 @@ class RNNLoss(nn.Module):
 
     def __prepare_scriptable__(self):  # torch.jit.script calls this first: refuse clearly
         if self.sync_stats:
-            raise RuntimeError(Rule.SYNC_EAGER_ONLY.value)
+            raise error(Rule.SYNC_EAGER_ONLY)
         return self
 
     def _apply(self, fn, recurse=True):
@@ -141,8 +141,8 @@ class RNNLoss(nn.Module):
                 index = i
         if index < 0:
             raise ValueError(Rule.LAMBDA_NAME.value.format(", ".join(self.component_names), name))
-        if not torch.jit.is_scripting():
-            _real("set_lambda value", value)  # what TorchScript's argument parser refuses, refused here too
+        if not torch.jit.is_scripting():  # what TorchScript's argument parser refuses, refused here too
+            value = _real("set_lambda value", value)  # (an int beyond float64: inf, refused below)
         if isinstance(value, bool):
             raise TypeError(Rule.LAMBDA_TYPE.value.format("set_lambda value", "a bool"))
         elif isinstance(value, int):
@@ -260,7 +260,9 @@ def all_reduced(stats: Stats, n_hid: int, group) -> Stats:
     all-reduces the gradient too, so after DDP's averaging each rank holds the single-process gradient of the
     global batch's loss."""
     if compiling():
-        raise RuntimeError(Rule.SYNC_EAGER_ONLY.value)
+        raise error(Rule.SYNC_EAGER_ONLY)
+    if group is None and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise error(Rule.SYNC_NO_GROUP)
     f64 = torch.float64
     col = stats.col if stats.col.dim() == 1 else stats.col.new_zeros(n_hid)
     packed = torch.cat([torch.stack([stats.sq_err.to(f64), stats.weight.to(f64), stats.samples, stats.sum_sq]), col])

@@ -41,6 +41,8 @@ def load_checkpoint(path_or_checkpoint, trust_checkpoint: bool = False) -> Dict[
         raise TypeError(f"path_or_checkpoint must be a path or the dict nn4n's save() writes, "
                         f"got {type(path_or_checkpoint).__name__}")
     path = os.fspath(path_or_checkpoint)
+    if os.path.exists(path) and not os.path.isfile(path):  # a FIFO or device would block torch.load forever
+        raise NN4NCheckpointError(f"{path} is not a regular file")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -50,6 +52,9 @@ def load_checkpoint(path_or_checkpoint, trust_checkpoint: bool = False) -> Dict[
                                       "nn4n checkpoints whose kwargs hold numpy arrays (e.g. masks) need "
                                       "CTRNN.from_nn4n(path, trust_checkpoint=True); use it only for files you trust, "
                                       "since full unpickling can run arbitrary code") from None
+    except (RuntimeError, EOFError, ValueError) as e:  # not a torch.save file at all (torch's text: paragraphs)
+        raise NN4NCheckpointError(f"{path} is not a checkpoint torch.load can read "
+                                  f"({' '.join(str(e).split())[:200] or type(e).__name__})") from None
     # stacklevel 4: the user's call of CTRNN.from_nn4n (via read_checkpoint and CTRNN.from_nn4n)
     warnings.warn(f"loading {path} with full unpickling (trust_checkpoint=True)", stacklevel=4)
     return torch.load(path, map_location="cpu", weights_only=False)

@@ -10,7 +10,10 @@ dispatch point; every path returns float64 sums equal to float32 rounding:
 eager          :class:`_RateSums`: values from :func:`sums` (below); the backward writes
                :math:`2 g_{sq} r + g_{col}` in one pass (``addcmul``) and is built of differentiable
                operations, so second-order gradients are exact. A naive formulation writes four
-               full-size tensors in its backward; this one writes the gradient only.
+               full-size tensors in its backward; this one writes the gradient only. Inside
+               ``torch.func`` transforms, plain operations (as under torch.compile): a custom
+               Function's saved rates lose an outer transform's tangents, so ``jacfwd`` of
+               ``jacfwd`` would see a zero second derivative.
 TorchScript    (no autograd Function there) :func:`sums` of the detached rates for the values, plus
                :math:`q - \operatorname{detach}(q)` (exactly 0) for the same sums taken by stock
                operations whenever grad mode is on, so autograd and ``torch.func`` see every
@@ -154,8 +157,6 @@ def _surrogates(rows: Tensor, need_sq: bool, need_col: bool) -> Tuple[Tensor, Te
 class _RateSums(torch.autograd.Function):
     r"""Eager: (Σr², per-neuron sums) with the one-pass backward :math:`2 g_{sq} r + g_{col}`."""
 
-    generate_vmap_rule = True  # torch.func.vmap (per-sample gradients) works through it
-
     @staticmethod
     def forward(states: Tensor, need_sq: bool, need_col: bool):  # type: ignore[override]
         return sums(states, need_sq, need_col)
@@ -200,4 +201,6 @@ def rate_sums(states: Tensor, need_sq: bool, need_col: bool) -> Tuple[Tensor, Te
 def _traced_or_eager(states: Tensor, need_sq: bool, need_col: bool) -> Tuple[Tensor, Tensor]:
     if torch.compiler.is_compiling():
         return plain_sums(states, need_sq, need_col, torch.compiler.is_exporting())
+    if torch._C._functorch.is_functorch_wrapped_tensor(states):
+        return plain_sums(states, need_sq, need_col, False)  # torch.func: nested transforms see stock operations
     return _RateSums.apply(states, need_sq, need_col)

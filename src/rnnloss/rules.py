@@ -63,6 +63,8 @@ class Rule(enum.Enum):
     SYNC_EAGER_ONLY = ("RNNLoss(sync_stats=True) runs eagerly only: its all-reduce of the statistics cannot be "
                        "scripted or exported; build the loss with sync_stats=False for TorchScript, ONNX or "
                        "torch.export")
+    SYNC_NO_GROUP = ("RNNLoss(sync_stats=True) needs torch.distributed initialised: call "
+                     "torch.distributed.init_process_group before the first forward")
     # the loss: forward
     NOT_FLOAT = "{} must be a floating-point tensor (float16, bfloat16, float32 or float64), got dtype {}"
     EMPTY = "{} must not be empty, got shape {}"
@@ -98,7 +100,8 @@ TYPE_ERRORS = frozenset({Rule.UNKNOWN_KEYWORD, Rule.MODEL_TYPE, Rule.LAMBDA_TYPE
                          Rule.X_DTYPE, Rule.PER_LAYER})
 # Where each rule is enforced, for the error reference: E eager, S TorchScript, C native C++, G exported graphs
 # (ONNX Runtime, onnx.reference, .pt2, AOTInductor), X ExecuTorch programs (fixed shapes and dtype).
-WHERE = {Rule.UNKNOWN_KEYWORD: "E", Rule.LAMBDA_TYPE: "E", Rule.SYNC_EAGER_ONLY: "ES", Rule.MODEL_TYPE: "EC",
+WHERE = {Rule.UNKNOWN_KEYWORD: "E", Rule.LAMBDA_TYPE: "E", Rule.SYNC_EAGER_ONLY: "ES", Rule.SYNC_NO_GROUP: "E",
+         Rule.MODEL_TYPE: "EC",
          Rule.LAMBDA_NAME: "ESC", Rule.LAMBDA_VALUE: "ESC", Rule.LAMBDA_INACTIVE: "ESC", Rule.LAMBDAS_BUFFER: "ESC",
          Rule.LAMBDAS_VALUES: "ESC",
          Rule.NOT_FLOAT: "ESC", Rule.EMPTY: "ESCG", Rule.LABEL_SHAPE: "ESCG", Rule.DEVICE: "ESC",

@@ -155,6 +155,50 @@ def test_load_native_refuses_huge_declared_dims_before_building_anything(tmp_pat
     assert "recurrent_layer.input_layer.weight of shape [200000, 3], got [8, 3]" in line
 
 
+def code_bomb(path):
+    """A 20 KiB zip whose one code entry unpacks to 17 MiB (a few hundred GiB would do no worse to a reader that
+    unpacks it whole)."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("archive/code/__torch__/m.py", b" " * (17 << 20))
+
+
+# Each loader on every hostile file: one line naming the file, no hang, no unbounded allocation.
+LOADERS = {"from_torchscript": "rnnloss.from_torchscript", "load_native": "native.load_native",
+           "from_nn4n": "rnnloss.CTRNN.from_nn4n"}
+
+
+@pytest.mark.parametrize("loader", list(LOADERS))
+def test_every_loader_refuses_a_fifo_a_code_bomb_and_a_file_of_another_kind_in_one_line(loader, tmp_path):
+    os.mkfifo(tmp_path / "fifo.pt")
+    code_bomb(tmp_path / "bomb.pt")
+    status, out, err, _ = bounded(python(f"""
+        import torch, rnnloss
+        from rnnloss.export import native
+        from cases import make_model
+        torch.save({{"weights": torch.ones(2)}}, "dict.pt")
+        torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), "linear.pt")
+        for name in ("fifo.pt", "bomb.pt", "dict.pt", "linear.pt", "missing.pt"):
+            try:
+                {LOADERS[loader]}(name)
+                print(name, "LOADED")
+            except (ValueError, FileNotFoundError) as e:
+                print(name, type(e).__name__, " ".join(str(e).split()))
+        hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0]  # this process's own peak
+        print("peak MiB", int(hwm.split()[1]) >> 10)  # (ru_maxrss would count the forking parent's)
+        """), tmp_path)
+    assert status == 0, err[-2000:]
+    lines = dict(line.split(" ", 1) for line in out.strip().splitlines())
+    assert int(lines.pop("peak")[4:]) < 1024, "a loader unpacked the 17 MiB entry many times over"
+    for name, said in lines.items():
+        assert "LOADED" not in said and len(said) < 400, (name, said)
+    assert "is not a regular file" in lines["fifo.pt"]
+    if loader != "from_nn4n":  # (nn4n's checkpoints are pickles, not TorchScript: torch.load refuses the bomb)
+        assert all(said.startswith("NotAnRNNLossFile ") for said in lines.values()), lines
+        assert "does not exist" in lines["missing.pt"]
+    if loader == "from_torchscript":
+        assert "holds more than 16 MiB of code" in lines["bomb.pt"]
+
+
 # ---- rnnloss-export --force and --verify
 
 def export_with(folder, name, make, listed=True):

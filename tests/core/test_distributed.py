@@ -102,7 +102,7 @@ def test_default_is_per_rank_statistics(tmp_path):
 
 def test_sync_stats_refuses_scripting_and_export_with_a_clear_message():
     loss = RNNLoss(fresh_model(), lambda_fr_sd=0.1, sync_stats=True)
-    with pytest.raises(RuntimeError, match="runs eagerly only"):
+    with pytest.raises(ValueError, match="runs eagerly only"):
         torch.jit.script(loss)
     x, y = global_batch()
     output, states = loss.model(x)

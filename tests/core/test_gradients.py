@@ -170,7 +170,7 @@ def test_half_precision_inputs_accumulate_and_return_float32(dtype, device):
 
 
 def test_per_sample_gradients_with_torch_func_equal_a_loop_over_samples():
-    # torch.func.vmap(grad(...)) goes through the eager rate sums' autograd Function.
+    # torch.func.vmap(grad(...)): inside a transform the eager rate sums are plain operations.
     from torch.func import grad, vmap
 
     from rnnloss.trainer import CTRNNTrainer

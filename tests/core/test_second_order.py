@@ -163,31 +163,44 @@ def test_gradient_penalty_on_the_masked_loss_matches_the_formulas(per_sample, sc
             torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-14)
 
 
-def test_forward_over_reverse_hessian_of_the_eager_loss_equals_autograd_of_the_formulas():
-    # torch.func.hessian is forward-over-reverse: the rate sums' jvp and their differentiable backward.
-    from torch.func import hessian
-    loss, pred, label, states, weights = _setup(tuple(range(7)))
-    got = hessian(lambda s: loss(pred, label, s)[0])(states)
-    ref = torch.autograd.functional.hessian(
-        lambda s: formula_components(pred, label, s, *weights, lambda_vector(range(7))).sum(), states)
-    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-14)
+def _second_order_transforms(f, states, pred, tangent):
+    """The states-by-states Hessian (flattened, or applied to ``tangent``) by every way torch.func composes."""
+    from torch.func import grad, hessian, jacfwd, jacrev, jvp
+    n = states.numel()
+    return {"hessian": hessian(f)(states).reshape(n, n),
+            "jacfwd(jacfwd)": jacfwd(jacfwd(f))(states).reshape(n, n),
+            "jacrev(jacrev)": jacrev(jacrev(f))(states).reshape(n, n),
+            "hessian(argnums=(pred, states))": hessian(lambda p, s: f(s, p), argnums=(0, 1))(pred, states)[1][1]
+            .reshape(n, n),
+            "jvp(grad)": jvp(grad(f), (states,), (tangent,))[1].reshape(n)}
 
 
 @pytest.mark.parametrize("scripted", [False, True], ids=["eager", "scripted"])
 @pytest.mark.parametrize("active", COVERING, ids=subset_id)
 def test_torch_func_second_order_equals_autograd_of_the_formulas(active, scripted):
-    # hessian and jvp of grad, several calls each. The scripted module runs with TorchScript's optimisation
-    # off, under which torch.func sees autograd (docs: design, known limits): never zeros there.
-    from torch.func import grad, hessian, jvp
+    # Every composition, several calls each. The scripted module runs with TorchScript's optimisation off, under
+    # which torch.func sees autograd (docs: design, known limits): never zeros there.
     loss, pred, label, states, weights = _setup(active)
     module = script_roundtrip(loss) if scripted else loss
     tangent = torch.randn(states.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     formula = lambda s: formula_components(pred, label, s, *weights, lambda_vector(active)).sum()  # noqa: E731
-    ref = torch.autograd.functional.hessian(formula, states)
-    f = lambda s: module(pred, label, s)[0]  # noqa: E731
+    ref = torch.autograd.functional.hessian(formula, states).reshape(states.numel(), -1)
+    f = lambda s, p=pred: module(p, label, s)[0]  # noqa: E731
     with torch.jit.optimized_execution(False):
         for _ in range(3):
-            torch.testing.assert_close(hessian(f)(states), ref, rtol=1e-10, atol=1e-14)
-            hvp = jvp(grad(f), (states,), (tangent,))[1]
-            torch.testing.assert_close(hvp, (ref.reshape(states.numel(), -1) @ tangent.reshape(-1)).reshape(
-                states.shape), rtol=1e-10, atol=1e-14)
+            for name, got in _second_order_transforms(f, states, pred, tangent).items():
+                want = ref @ tangent.reshape(-1) if name == "jvp(grad)" else ref
+                torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14, msg=name)
+
+
+def test_forward_mode_ad_of_the_eager_loss_equals_the_formulas():
+    # torch.autograd.forward_ad (outside torch.func) runs the rate sums' own jvp rule.
+    import torch.autograd.forward_ad as fwAD
+    active = tuple(range(7))
+    loss, pred, label, states, weights = _setup(active)
+    tangent = torch.randn(states.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    formula = lambda s: formula_components(pred, label, s, *weights, lambda_vector(active)).sum()  # noqa: E731
+    ref = torch.autograd.functional.jvp(formula, states, tangent)[1]
+    with fwAD.dual_level():
+        got = fwAD.unpack_dual(loss(pred, label, fwAD.make_dual(states, tangent))[0]).tangent
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-14)

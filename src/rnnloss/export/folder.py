@@ -33,10 +33,11 @@ class Unreadable(NotAnExport):
     """The manifest is there but cannot be read (no permission, say): what the folder is, is unknown."""
 
 
-def is_plain_file(path: Path) -> bool:
-    """A regular file, not a link: anything else (a FIFO, a device) could block a reader forever."""
+def is_plain_file(path: Path, follow_links: bool = False) -> bool:
+    """A regular file (not a link, unless ``follow_links``): anything else (a FIFO, a device) could block a
+    reader forever. In an export folder a link is foreign; a loader given a path follows it."""
     try:
-        return stat.S_ISREG(os.lstat(path).st_mode)
+        return stat.S_ISREG((os.stat if follow_links else os.lstat)(path).st_mode)
     except OSError:
         return False
 

@@ -18,7 +18,9 @@ values (str, int, float, bool and lists of them) and tensors. Format (version 1)
 stored tensors before it builds anything, so a file that claims N_hid = 200000 fails in one line
 instead of allocating 160 GB.
 """
+import os
 import re
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
@@ -31,6 +33,7 @@ from ..rules import COMPONENT_NAMES, LAMBDA_NAMES
 from .folder import is_plain_file
 
 NATIVE = "rnnloss_native.pt"
+CODE_LIMIT = 16 << 20  # bytes of code one archive entry may hold before load_scripted refuses it
 FORMAT = "rnnloss.native"
 VERSION = 1
 _BIAS_SPEC = {"trained": True, "fixed": None, "absent": False}  # CTRNN's ``biases`` per kind
@@ -112,7 +115,13 @@ def load_native(path: Union[str, Path]) -> RNNLoss:
     """An eager :class:`RNNLoss` (its model as ``.model``, in eval mode) from a file written by
     :func:`save_native`; the state loads strictly. Raises :class:`NotAnRNNLossFile` (a ValueError) naming
     what is wrong, before building anything, when the file is not this format."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    _check_regular(path)
+    try:
+        with warnings.catch_warnings():  # (torch warns before it refuses a TorchScript archive)
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch's texts run to many lines; the first says what it is
+        raise NotAnRNNLossFile(f"{path} is not an {FORMAT} file (torch.load: {_first_line(e)})") from None
     try:
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
             raise NotAnRNNLossFile(f"{path} is not an {FORMAT} file")
@@ -127,34 +136,61 @@ def load_native(path: Union[str, Path]) -> RNNLoss:
         if not (isinstance(active, list) and len(active) == 7 and all(isinstance(a, bool) for a in active)):
             raise NotAnRNNLossFile(f"{path}: loss.active must be 7 bools, got {active!r}")
         _check_sizes(m["dims"], state, str(path))
-        masks = {kind: [state.get(f"{prefix}_{layer}") if m[kind][k] else None for k, layer in enumerate(LAYERS)]
+        floats = [t for t in state.values() if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex())]
+        if any(t.dtype != floats[0].dtype or t.is_complex() for t in floats):
+            raise NotAnRNNLossFile(f"{path}: the state's floating-point tensors must share one real dtype")
+        masks = {kind: [state[f"{prefix}_{layer}"] if m[kind][k] else None for k, layer in enumerate(LAYERS)]
                  for kind, prefix in _MASKS}
         loss = rebuild(active, state["recurrent_layer.hidden_layer.weight"].dtype, m["dims"], tau=m["tau"],
                        dt=m["dt"], activation=m["activation"], preact_noise=m["preact_noise"],
                        postact_noise=m["postact_noise"], biases=[_BIAS_SPEC[kind] for kind in m["biases"]],
                        batch_first=m["batch_first"], learn_alpha=m["learn_alpha"], init_state=m["init_state"],
                        **masks)
-    except (KeyError, TypeError, IndexError, AttributeError) as e:
-        raise NotAnRNNLossFile(f"{path} is not a well-formed {FORMAT} file ({type(e).__name__}: {e})") from None
-    loss.model.load_state_dict(state, strict=True)
-    loss.load_state_dict({"lambdas": torch.tensor(spec["lambdas"], dtype=torch.float64)}, strict=False)
+        lambdas = torch.tensor(spec["lambdas"], dtype=torch.float64)
+        loss.model.load_state_dict(state, strict=True)
+        loss.load_state_dict({"lambdas": lambdas}, strict=False)
+    except (KeyError, TypeError, IndexError, AttributeError, ValueError, RuntimeError) as e:
+        if isinstance(e, NotAnRNNLossFile):
+            raise
+        raise NotAnRNNLossFile(f"{path} is not a well-formed {FORMAT} file ({type(e).__name__}: "
+                               f"{_first_line(e)})") from None
     return loss.eval()
+
+
+def _first_line(e: BaseException, limit: int = 200) -> str:
+    """An exception's text on one line, cut at ``limit`` characters (torch's run to paragraphs)."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def _check_regular(path) -> None:
+    if not is_plain_file(Path(path), follow_links=True):
+        raise NotAnRNNLossFile(f"{path} is not a regular file" if os.path.lexists(path) else f"{path} does not exist")
 
 
 def load_scripted(path: Union[str, Path], map_location=None) -> torch.jit.ScriptModule:
     """``torch.jit.load``, refusing first (without running it) an archive whose code defines ``__setstate__``:
     loading runs that code, and no module of this package has one, so loading stays bounded."""
-    if not is_plain_file(Path(path)):
-        raise NotAnRNNLossFile(f"{path} is not a regular file")
+    _check_regular(path)
     try:
         with zipfile.ZipFile(path) as archive:
             for name in archive.namelist():
-                if name.endswith(".py") and re.search(rb"def\s+__setstate__\b", archive.read(name)):
+                if not name.endswith(".py"):
+                    continue
+                with archive.open(name) as entry:  # read at most CODE_LIMIT + 1 bytes, whatever the zip claims
+                    code = entry.read(CODE_LIMIT + 1)
+                if len(code) > CODE_LIMIT:
+                    raise NotAnRNNLossFile(f"{path}: {name} holds more than {CODE_LIMIT >> 20} MiB of code; an "
+                                           "rnnloss export holds a few hundred KiB")
+                if re.search(rb"def\s+__setstate__\b", code):
                     raise NotAnRNNLossFile(f"{path} defines __setstate__ ({name}); rnnloss never writes one, and "
                                            "loading would run it")
-    except zipfile.BadZipFile:
-        raise NotAnRNNLossFile(f"{path} is not a TorchScript archive (not a zip file)") from None
-    return torch.jit.load(str(path), map_location=map_location)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError, OSError) as e:
+        raise NotAnRNNLossFile(f"{path} is not a TorchScript archive ({_first_line(e)})") from None
+    try:
+        return torch.jit.load(str(path), map_location=map_location)
+    except RuntimeError as e:
+        raise NotAnRNNLossFile(f"{path}: torch.jit.load failed ({_first_line(e)})") from None
 
 
 def from_torchscript(source: Union[str, Path, torch.jit.ScriptModule]) -> RNNLoss:
