@@ -1,16 +1,17 @@
 """The ExecuTorch programs: ``ctrnn.pte`` (the model's forward), ``rnn_loss.pte`` (the loss's forward) and
 ``ctrnn_train.pte`` (the joint forward-backward graph that ExecuTorch's training module runs).
 
-Shapes. The model's time loop unrolls under torch.export, so ``ctrnn.pte`` and ``ctrnn_train.pte`` take
-exactly ``executorch.time`` steps (the config; a wrong length, width or dtype stops the runtime's kernels
-with an error). ``torch.export``'s ``scan`` would give a dynamic time axis, but ExecuTorch 1.5 runs it only
-with a static batch, and it was no faster; a fixed length per program keeps one program for every batch.
-The batch is dynamic up to ``executorch.max_batch``; ``rnn_loss.pte`` takes any time up to
-``executorch.time``. The ExecuTorch runtime checks no rule between inputs (nor, in the training module, a
-fixed axis of target or mask), and its lowering drops assertion nodes: so every axis of the loss's inputs and of
-target and mask is a bounded dimension of its own, and the size rules are nodes that index out of range when a
-rule fails (:class:`~rnnloss.export.tracing.Refusals`): a bad input ends in an error (``0x12``, the kernel's
-message on stderr), never a number. Every program also answers ``rnnloss_json`` (the export's description),
+Shapes. The model's time loop unrolls under torch.export, so ``ctrnn.pte`` and ``ctrnn_train.pte`` are
+compiled for exactly ``executorch.time`` steps of N_in inputs. ``torch.export``'s ``scan`` would give a
+dynamic time axis, but ExecuTorch 1.5 runs it only with a static batch, and it was no faster; a fixed length
+per program keeps one program for every batch. The batch is dynamic; memory is planned for
+``executorch.time`` × ``executorch.max_batch``. ExecuTorch 1.5 accepts, for an input with a dynamic axis,
+any shape that fits its planned memory, checks no rule between inputs, and its lowering drops assertion
+nodes: so every axis of the loss's inputs and of target and mask is a bounded dimension of its own, and the
+size rules are nodes that index out of range when a rule fails (:class:`~rnnloss.export.tracing.Refusals`):
+a bad size ends in an error (``0x12``, the kernel's message on stderr), never a number. The model input's
+time and width are constants of the program, which cannot see them: callers check ``x`` against
+``time_steps`` (the C++ programs do). Every program answers ``rnnloss_json`` (the export's description),
 ``time_steps`` and ``max_batch`` as constant methods. Programs run the portable kernels (XNNPACK brought no
 gain for these small matrix products).
 """
