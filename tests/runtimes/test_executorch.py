@@ -97,13 +97,18 @@ def _refused(method, inputs):
         method.execute(inputs)
 
 
+# x of another time or width with as many elements as a valid one: ExecuTorch takes any shape that fits an
+# input's memory, so only the program's own nodes can refuse these (time 6, N_in 3, batch 4).
+SAME_SIZE_X = [(3, 4, 6), (2, 4, 9), (9, 4, 2), (18, 4, 1), (12, 2, 3), (6, 2, 6)]
+
+
 def test_the_model_program_refuses_another_length_width_dtype_rank_or_a_batch_beyond_its_bound(programs):
     from executorch.runtime import Runtime
     _, _, folder = programs
     method = Runtime.get().load_program(str(folder / "ctrnn.pte")).load_method("forward")
     assert method.execute([torch.randn(6, 8, 3)])[0].shape == (6, 8, 2)  # the bound itself runs
     for bad in (torch.randn(5, 4, 3), torch.randn(7, 4, 3), torch.randn(6, 4, 2), torch.randn(6, 9, 3),
-                torch.randn(6, 4, 3).double(), torch.randn(6, 3)):
+                torch.randn(6, 4, 3).double(), torch.randn(6, 3), *[torch.randn(s) for s in SAME_SIZE_X]):
         _refused(method, [bad])
 
 
@@ -139,7 +144,8 @@ def test_the_training_program_refuses_inputs_of_another_size_or_a_bad_mask(progr
     for bad in ([torch.randn(7, 4, 3), target, mask], [torch.randn(6, 4, 4), target, mask],
                 [x, torch.randn(6, 4, 3), mask], [x, torch.randn(6, 4, 1), mask], [x, torch.randn(7, 4, 2), mask],
                 [x, torch.randn(5, 4, 2), mask], [x, torch.randn(6, 5, 2), mask], [x, target, torch.rand(6, 4, 3)],
-                [x, target, torch.rand(6, 3, 2)], [x, target, negative], [x, target, mask * float("nan")]):
+                [x, target, torch.rand(6, 3, 2)], [x, target, negative], [x, target, mask * float("nan")],
+                *[[torch.randn(s), target, mask] for s in SAME_SIZE_X]):
         with pytest.raises(RuntimeError, match="Failed to execute"):
             train.forward_backward("forward", bad)
 

@@ -95,9 +95,10 @@ class TestExportedGraphsCUDA(ExportedGraphsMatchEager):
 
 
 @pytest.mark.slow
-def test_an_aotinductor_build_of_the_pt2_refuses_bad_shapes_with_default_options(tmp_path):
+def test_the_pt2_and_its_aotinductor_build_refuse_bad_shapes_with_default_options(tmp_path):
     """AOTInductor drops torch.export's input guards: the .pt2's size checks are graph nodes, which it keeps —
-    also for N_out = 1, whose example would otherwise fix that axis (a fixed axis is checked by a guard only)."""
+    also for N_out = 1, whose example would otherwise fix that axis (a fixed axis is checked by a guard only).
+    ``module()`` checks no ranks: a label with extra trailing axes that hold more elements is refused by a node."""
     from torch._inductor import aoti_compile_and_package, aoti_load_package
     loss, _ = export_to(tmp_path, {"model": {"dims": [3, 16, 1]}, "example": {"time": 6, "batch": 3}}, {"rnn_loss.pt2"})
     package = aoti_compile_and_package(torch.export.load(str(tmp_path / "rnn_loss.pt2")),
@@ -122,3 +123,6 @@ def test_an_aotinductor_build_of_the_pt2_refuses_bad_shapes_with_default_options
             with pytest.raises(RuntimeError, match=message.replace("[", r"\[").replace("]", r"\]")):
                 with torch.no_grad():
                     compiled(*args)
+    program = torch.export.load(str(tmp_path / "rnn_loss.pt2")).module()
+    with pytest.raises(RuntimeError, match="pred and label must have the same shape"):
+        program(*inputs(label=(7, 3, 1, 4)))

@@ -7,13 +7,12 @@ dynamic time axis, but ExecuTorch 1.5 runs it only with a static batch, and it w
 per program keeps one program for every batch. The batch is dynamic; memory is planned for
 ``executorch.time`` × ``executorch.max_batch``. ExecuTorch 1.5 accepts, for an input with a dynamic axis,
 any shape that fits its planned memory, checks no rule between inputs, and its lowering drops assertion
-nodes: so every axis of the loss's inputs and of target and mask is a bounded dimension of its own, and the
-size rules are nodes that index out of range when a rule fails (:class:`~rnnloss.export.tracing.Refusals`):
-a bad size ends in an error (``0x12``, the kernel's message on stderr), never a number. The model input's
-time and width are constants of the program, which cannot see them: callers check ``x`` against
-``time_steps`` (the C++ programs do). Every program answers ``rnnloss_json`` (the export's description),
-``time_steps`` and ``max_batch`` as constant methods. Programs run the portable kernels (XNNPACK brought no
-gain for these small matrix products).
+nodes: so every axis of every input is a bounded dimension of its own, and the size rules (the model input's
+time and width among them) are nodes that index out of range when a rule fails
+(:class:`~rnnloss.export.tracing.Refusals`): a bad size ends in an error (``0x12``, the kernel's message on
+stderr), never a number. Every program answers ``rnnloss_json`` (the export's description), ``time_steps``
+and ``max_batch`` as constant methods. Programs run the portable kernels (XNNPACK brought no gain for these
+small matrix products).
 """
 import contextlib
 import json
@@ -45,11 +44,6 @@ def _batch_axis(config) -> int:
     return 0 if config["model"]["batch_first"] else 1
 
 
-def _batch_dim(config):
-    from torch.export import Dim
-    return Dim("batch", min=1, max=config["executorch"]["max_batch"])
-
-
 def _model_inputs(config, batch: int, seed: int, mask: bool = False):
     g = torch.Generator().manual_seed(seed)
     n_in, _, outputs = config["model"]["dims"]
@@ -61,21 +55,37 @@ def _model_inputs(config, batch: int, seed: int, mask: bool = False):
 
 
 class _Forward(nn.Module):
-    """The model's forward with contiguous outputs: ExecuTorch cannot lower a copy of a batch-first
-    (transposed) view."""
+    """The model's forward on ``x`` of exactly ``time`` steps and N_in inputs, with contiguous outputs
+    (ExecuTorch cannot lower a copy of a batch-first, transposed, view).
 
-    def __init__(self, model) -> None:
+    Every axis of ``x`` is a dimension of its own, so that its time and width are nodes the program can
+    check (ExecuTorch takes any shape that fits an input's memory); ``x`` is then copied into those constant
+    sizes by index (out of range when it is smaller), which is what the unrolled loop reads."""
+
+    def __init__(self, model, time: int) -> None:
         super().__init__()
-        self.model = model
+        self.model, self.time = model, time
 
     def forward(self, x):
-        return tuple(t.contiguous() for t in self.model(x))
+        check = Refusals(by_index=True)
+        sizes = [self.time, self.time, self.model.n_in]
+        batch = 0 if self.model.batch_first else 1
+        sizes[batch] = x.size(batch)
+        for k in (1 - batch, 2):
+            check(torch.scalar_tensor(x.size(k)) == sizes[k], "")
+        x = x.reshape(-1)[torch.arange(sizes[0] * sizes[1] * sizes[2], device=x.device)].view(sizes)
+        return check.applied(*(t.contiguous() for t in self.model(x)))
+
+
+def _x_axes(config):
+    return {"x": _own_axes(config, "x", config["model"]["dims"][0])}
 
 
 def write_model(b, path: Path) -> None:
     with quiet():
-        program = torch.export.export(_Forward(b.loss.model.eval()), _model_inputs(b.config, 2, 0)[:1],
-                                      dynamic_shapes={"x": {_batch_axis(b.config): _batch_dim(b.config)}})
+        program = torch.export.export(_Forward(b.loss.model.eval(), b.config["executorch"]["time"]),
+                                      unspecialized(_model_inputs(b.config, 2, 0)[:1]),
+                                      dynamic_shapes=_x_axes(b.config))
         _lower(program, path, b)
 
 
@@ -102,12 +112,12 @@ class TrainStep(nn.Module):
     """``forward(x, target[, mask]) -> (total, components)`` of the model and its loss, the loss first (the
     joint graph differentiates output 0); target and mask get their own sizes, checked as graph nodes."""
 
-    def __init__(self, loss) -> None:
+    def __init__(self, loss, time: int) -> None:
         super().__init__()
-        self.loss = loss
+        self.loss, self.time = loss, time
 
     def forward(self, x, target, mask=None):
-        output, states = _Forward(self.loss.model)(x)
+        output, states = _Forward(self.loss.model, self.time)(x)
         check = Refusals(by_index=True)
         target, mask = checked_like_pred(output, target, None, mask, self.loss.model.n_out, self.loss.n_hid, check)
         if mask is not None:
@@ -122,12 +132,12 @@ def write_train(b, path: Path) -> None:
     from torch.export.experimental import _export_forward_backward
 
     loss = copy.deepcopy(b.loss)  # in eval mode: the program draws no noise (documented)
-    x, *rest = _model_inputs(b.config, 2, 0, mask=b.config["mask"])
-    inputs = (x, *unspecialized(rest))
-    shapes = {"x": {_batch_axis(b.config): _batch_dim(b.config)},
-              **{name: _own_axes(b.config, name, loss.model.n_out) for name in ("target", "mask")[:len(rest)]}}
+    inputs = unspecialized(_model_inputs(b.config, 2, 0, mask=b.config["mask"]))
+    shapes = {**_x_axes(b.config),
+              **{name: _own_axes(b.config, name, loss.model.n_out) for name in ("target", "mask")[:len(inputs) - 1]}}
     with quiet():
-        program = torch.export.export(TrainStep(loss), inputs, dynamic_shapes=shapes, strict=False)
+        program = torch.export.export(TrainStep(loss, b.config["executorch"]["time"]), inputs,
+                                      dynamic_shapes=shapes, strict=False)
         _lower(_export_forward_backward(program), path, b, edge=True)
 
 
@@ -208,7 +218,7 @@ def check_train(c, device: str) -> Row:
 
         from executorch.extension.training import get_sgd_optimizer
         module = _training_module(c.folder / "ctrnn_train.pte")
-        eager = TrainStep(copy.deepcopy(c.eager))
+        eager = TrainStep(copy.deepcopy(c.eager), c.config["executorch"]["time"])
         params = {n: p for n, p in eager.named_parameters() if p.requires_grad}
         def allowance(inputs) -> float:
             with torch.no_grad():

@@ -48,7 +48,11 @@ def checked_like_pred(pred, label, states, mask, n_out: int, n_hid: int, check):
     def like_pred(x, message):
         for k in range(pred.dim()):
             check(torch.scalar_tensor(x.size(k)) == torch.scalar_tensor(pred.size(k)), message)
-        return x.reshape(-1)[torch.arange(pred.numel(), device=x.device)].view(pred.shape)
+        flat = x.reshape(-1)
+        if not check.by_index:  # ExportedProgram.module() checks no ranks: count what extra trailing axes hold
+            count = torch.ones_like(flat, dtype=torch.uint8).sum(dtype=torch.int64)
+            check(count == torch.scalar_tensor(pred.numel(), dtype=torch.int64), message)
+        return flat[torch.arange(pred.numel(), device=x.device)].view(pred.shape)
 
     check(torch.scalar_tensor(pred.size(-1)) == n_out, head(Rule.GRAPH_SHAPE, "pred", f"[time, batch, {n_out}]"))
     for name, t in (("pred", pred), ("states", states)):
