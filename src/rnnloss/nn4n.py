@@ -52,9 +52,11 @@ def load_checkpoint(path_or_checkpoint, trust_checkpoint: bool = False) -> Dict[
                                       "nn4n checkpoints whose kwargs hold numpy arrays (e.g. masks) need "
                                       "CTRNN.from_nn4n(path, trust_checkpoint=True); use it only for files you trust, "
                                       "since full unpickling can run arbitrary code") from None
-    except (RuntimeError, EOFError, ValueError) as e:  # not a torch.save file at all (torch's text: paragraphs)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # not a torch.save file at all (torch's texts run to paragraphs)
         raise NN4NCheckpointError(f"{path} is not a checkpoint torch.load can read "
-                                  f"({' '.join(str(e).split())[:200] or type(e).__name__})") from None
+                                  f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
     # stacklevel 4: the user's call of CTRNN.from_nn4n (via read_checkpoint and CTRNN.from_nn4n)
     warnings.warn(f"loading {path} with full unpickling (trust_checkpoint=True)", stacklevel=4)
     return torch.load(path, map_location="cpu", weights_only=False)

@@ -157,6 +157,8 @@ def _surrogates(rows: Tensor, need_sq: bool, need_col: bool) -> Tuple[Tensor, Te
 class _RateSums(torch.autograd.Function):
     r"""Eager: (Σr², per-neuron sums) with the one-pass backward :math:`2 g_{sq} r + g_{col}`."""
 
+    generate_vmap_rule = True  # vmap over other inputs (pred, label) with the rates not batched reaches it
+
     @staticmethod
     def forward(states: Tensor, need_sq: bool, need_col: bool):  # type: ignore[override]
         return sums(states, need_sq, need_col)

@@ -99,7 +99,7 @@ class Rule(enum.Enum):
 TYPE_ERRORS = frozenset({Rule.UNKNOWN_KEYWORD, Rule.MODEL_TYPE, Rule.LAMBDA_TYPE, Rule.NOT_FLOAT, Rule.MASK_DTYPE,
                          Rule.X_DTYPE, Rule.PER_LAYER})
 # Where each rule is enforced, for the error reference: E eager, S TorchScript, C native C++, G exported graphs
-# (ONNX Runtime, onnx.reference, .pt2, AOTInductor), X ExecuTorch programs (fixed shapes and dtype).
+# (ONNX Runtime, onnx.reference, tract, onnx2torch, .pt2, AOTInductor, the ExecuTorch programs).
 WHERE = {Rule.UNKNOWN_KEYWORD: "E", Rule.LAMBDA_TYPE: "E", Rule.SYNC_EAGER_ONLY: "ES", Rule.SYNC_NO_GROUP: "E",
          Rule.MODEL_TYPE: "EC",
          Rule.LAMBDA_NAME: "ESC", Rule.LAMBDA_VALUE: "ESC", Rule.LAMBDA_INACTIVE: "ESC", Rule.LAMBDAS_BUFFER: "ESC",

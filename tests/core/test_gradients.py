@@ -169,6 +169,20 @@ def test_half_precision_inputs_accumulate_and_return_float32(dtype, device):
     torch.testing.assert_close(comps.detach().cpu().double(), torch.tensor(ref, dtype=torch.float64), rtol=1e-5, atol=0)
 
 
+def test_vmap_over_pred_and_label_with_shared_rates_equals_a_loop():
+    # The rates are not batched, so the eager rate sums' autograd Function runs under vmap (its vmap rule).
+    from torch.func import grad, vmap
+    loss = RNNLoss(make_model((3, 5, 2), dtype=torch.float64), **ALL_ON)
+    pred, label, states = make_inputs(loss.model, 4, 3)
+    f = lambda p, l: loss(p.unsqueeze(1), l.unsqueeze(1), states)[0]  # noqa: E731
+    totals, grads = vmap(f, in_dims=(1, 1))(pred, label), vmap(grad(f), in_dims=(1, 1))(pred, label)
+    for b in range(pred.size(1)):
+        p = pred[:, b].clone().requires_grad_(True)
+        total = f(p, label[:, b])
+        torch.testing.assert_close(totals[b], total.detach(), rtol=1e-12, atol=0)
+        torch.testing.assert_close(grads[b], torch.autograd.grad(total, p)[0], rtol=1e-12, atol=1e-15)
+
+
 def test_per_sample_gradients_with_torch_func_equal_a_loop_over_samples():
     # torch.func.vmap(grad(...)): inside a transform the eager rate sums are plain operations.
     from torch.func import grad, vmap

@@ -108,7 +108,8 @@ def test_the_model_program_refuses_another_length_width_dtype_rank_or_a_batch_be
     method = Runtime.get().load_program(str(folder / "ctrnn.pte")).load_method("forward")
     assert method.execute([torch.randn(6, 8, 3)])[0].shape == (6, 8, 2)  # the bound itself runs
     for bad in (torch.randn(5, 4, 3), torch.randn(7, 4, 3), torch.randn(6, 4, 2), torch.randn(6, 9, 3),
-                torch.randn(6, 4, 3).double(), torch.randn(6, 3), *[torch.randn(s) for s in SAME_SIZE_X]):
+                torch.randn(6, 4, 3).double(), torch.randn(6, 3), torch.randn(6, 0, 3),
+                *[torch.randn(s) for s in SAME_SIZE_X]):
         _refused(method, [bad])
 
 

@@ -124,5 +124,43 @@ def test_the_pt2_and_its_aotinductor_build_refuse_bad_shapes_with_default_option
                 with torch.no_grad():
                     compiled(*args)
     program = torch.export.load(str(tmp_path / "rnn_loss.pt2")).module()
-    with pytest.raises(RuntimeError, match="pred and label must have the same shape"):
-        program(*inputs(label=(7, 3, 1, 4)))
+    extra = {"pred and label must have the same shape": (lambda p, l, s: (p, l[..., None].expand(7, 3, 1, 4), s)),
+             "states must have N_hid=16 as its last dimension": (lambda p, l, s: (p, l, s[..., None].expand(7, 3, 16, 2))),
+             r"pred must have shape \[time, batch, 1\]": (lambda p, l, s: (p[..., None].expand(7, 3, 1, 2), l, s))}
+    for message, widen in extra.items():
+        with pytest.raises(RuntimeError, match=message):
+            program(*[t.contiguous() for t in widen(*inputs())])
+
+
+CHECKED_AOTI = r"""
+import sys, torch
+from torch._inductor import aoti_compile_and_package, aoti_load_package
+package = aoti_compile_and_package(torch.export.load(sys.argv[1]), package_path=sys.argv[2],
+                                   inductor_configs={"aot_inductor.check_lowerbound": False})
+compiled = aoti_load_package(package)
+pred, label, states = torch.rand(7, 3, 1), torch.rand(7, 3, 1), torch.rand(7, 3, 16)
+print("one", compiled(pred[:1, :1].contiguous(), label[:1, :1].contiguous(), states[:1, :1].contiguous())[0].item())
+for name, args in [("transposed", (pred, torch.rand(3, 7, 1).transpose(0, 1), states)),
+                   ("float64", (pred.double(), label.double(), states.double())),
+                   ("rank4", (pred, label[..., None], states))]:
+    try:
+        print(name, "NUMBER", compiled(*args)[0].item())
+    except Exception as e:
+        print(name, "refused")
+"""
+
+
+@pytest.mark.slow
+def test_the_documented_checked_aotinductor_build_refuses_layout_dtype_and_rank_and_takes_size_one(tmp_path):
+    # docs/export.md: compile with check_lowerbound off, run with AOTI_RUNTIME_CHECK_INPUTS=1.
+    import os
+    import subprocess
+    import sys
+    loss, _ = export_to(tmp_path, {"model": {"dims": [3, 16, 1]}, "example": {"time": 6, "batch": 3}}, {"rnn_loss.pt2"})
+    done = subprocess.run([sys.executable, "-c", CHECKED_AOTI, str(tmp_path / "rnn_loss.pt2"), str(tmp_path / "a.pt2")],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "AOTI_RUNTIME_CHECK_INPUTS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in done.stdout.strip().splitlines())
+    assert float(lines.pop("one")) >= 0
+    assert lines == {"transposed": "refused", "float64": "refused", "rank4": "refused"}, lines

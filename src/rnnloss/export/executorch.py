@@ -73,6 +73,7 @@ class _Forward(nn.Module):
         sizes[batch] = x.size(batch)
         for k in (1 - batch, 2):
             check(torch.scalar_tensor(x.size(k)) == sizes[k], "")
+        check(torch.scalar_tensor(x.size(batch)) > 0, "")  # (eager: x must not be empty)
         x = x.reshape(-1)[torch.arange(sizes[0] * sizes[1] * sizes[2], device=x.device)].view(sizes)
         return check.applied(*(t.contiguous() for t in self.model(x)))
 

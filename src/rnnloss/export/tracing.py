@@ -48,19 +48,29 @@ def checked_like_pred(pred, label, states, mask, n_out: int, n_hid: int, check):
     def like_pred(x, message):
         for k in range(pred.dim()):
             check(torch.scalar_tensor(x.size(k)) == torch.scalar_tensor(pred.size(k)), message)
-        flat = x.reshape(-1)
-        if not check.by_index:  # ExportedProgram.module() checks no ranks: count what extra trailing axes hold
-            count = torch.ones_like(flat, dtype=torch.uint8).sum(dtype=torch.int64)
-            check(count == torch.scalar_tensor(pred.numel(), dtype=torch.int64), message)
-        return flat[torch.arange(pred.numel(), device=x.device)].view(pred.shape)
+        no_extra_axes(x, message, check)
+        return x.reshape(-1)[torch.arange(pred.numel(), device=x.device)].view(pred.shape)
 
-    check(torch.scalar_tensor(pred.size(-1)) == n_out, head(Rule.GRAPH_SHAPE, "pred", f"[time, batch, {n_out}]"))
+    pred_shape = head(Rule.GRAPH_SHAPE, "pred", f"[time, batch, {n_out}]")
+    check(torch.scalar_tensor(pred.size(-1)) == n_out, pred_shape)
+    no_extra_axes(pred, pred_shape, check)
     for name, t in (("pred", pred), ("states", states)):
         if t is not None:
             check(torch.scalar_tensor(t.numel()) > 0, head(Rule.EMPTY, name))
     if states is not None:
         check(torch.scalar_tensor(states.size(-1)) == n_hid, head(Rule.STATES_LAST_DIM, n_hid))
+        no_extra_axes(states, head(Rule.STATES_LAST_DIM, n_hid), check)
     return like_pred(label, head(Rule.LABEL_SHAPE)), None if mask is None else like_pred(mask, head(Rule.MASK_SHAPE))
+
+
+def no_extra_axes(t, message: str, check) -> None:
+    """``ExportedProgram.module()`` checks no ranks, and a graph reads only the axes it was traced with: an
+    input with extra trailing axes has more elements in its first slice along the last traced axis than the
+    graph's sizes say. Counted on that slice only (time × batch elements). ExecuTorch checks ranks itself."""
+    if not check.by_index:
+        edge = t.narrow(t.dim() - 1, 0, 1)
+        count = torch.ones_like(edge, dtype=torch.uint8).sum(dtype=torch.int64)
+        check(count == torch.scalar_tensor(edge.numel(), dtype=torch.int64), message)
 
 
 def unspecialized(example: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
