@@ -271,9 +271,8 @@ def all_reduced(stats: Stats, n_hid: int, group) -> Stats:
 
 
 def _refuse_on_device(ok: Tensor, message: str, t: Tensor) -> Tensor:
-    """``t``, after an assertion that ``ok`` holds that needs no host–device synchronisation: a device-side
-    assertion (a graph node under torch.compile and torch.export); TorchScript drops those, so there ``t``
-    becomes NaN where ``ok`` fails."""
+    """``t`` after a device-side assertion of ``ok`` (no host–device synchronisation; a graph node under
+    torch.compile and torch.export); TorchScript drops those, so there ``t`` becomes NaN where ``ok`` fails."""
     if torch.jit.is_scripting():
         return torch.where(ok, t, torch.full_like(t, math.nan))
     torch._assert_async(ok, message)
