@@ -2,6 +2,7 @@
 and the manifest, the description each embeds, the ONNX graph, the train module, and the writers' refusals."""
 import json
 import re
+from importlib import metadata
 
 import numpy as np
 import pytest
@@ -42,6 +43,7 @@ def test_the_manifest_describes_the_export(exported):
                            "states": ["states_time", "states_batch", 16]}
     assert m["outputs"] == {"total": [], "components": [7]} and m["dtype"] == "float32"
     assert m["versions"]["torch"] == torch.__version__ and m["versions"]["onnxruntime"] == ort.__version__
+    assert m["versions"]["executorch"] == metadata.version("executorch")  # (the package has no __version__)
     assert m["config"] == validate(SMALL) and isinstance(m["opset"], int)
     assert sorted(m["sha256"]) == sorted(WRITTEN)
     for name, digest in m["sha256"].items():

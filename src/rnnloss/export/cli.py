@@ -141,10 +141,11 @@ def write_all(config: Dict[str, Any], folder: Path, progress: Callable[[str], No
     ex = config["example"]
     example = sample_inputs(loss, ex["time"], ex["batch"], seed=config["seed"], mask=config["mask"])
     versions: Dict[str, Optional[str]] = {"rnnloss": _version(), "torch": torch.__version__}
-    for name in ("onnx", "onnxruntime", "onnxscript", "executorch"):
+    from importlib import metadata
+    for name in ("onnx", "onnxruntime", "onnxscript", "executorch"):  # (executorch has no __version__)
         try:
-            versions[name] = __import__(name).__version__
-        except (ImportError, AttributeError):
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
             versions[name] = None
     created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     metadata = {**describe(config), "versions": versions, "created": created}
