@@ -141,11 +141,11 @@ def write_all(config: Dict[str, Any], folder: Path, progress: Callable[[str], No
     ex = config["example"]
     example = sample_inputs(loss, ex["time"], ex["batch"], seed=config["seed"], mask=config["mask"])
     versions: Dict[str, Optional[str]] = {"rnnloss": _version(), "torch": torch.__version__}
-    from importlib import metadata
+    from importlib import metadata as packages
     for name in ("onnx", "onnxruntime", "onnxscript", "executorch"):  # (executorch has no __version__)
         try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
+            versions[name] = packages.version(name)
+        except packages.PackageNotFoundError:
             versions[name] = None
     created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     metadata = {**describe(config), "versions": versions, "created": created}
