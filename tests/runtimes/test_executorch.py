@@ -18,7 +18,8 @@ from rnnloss.export.artifacts import sample_inputs
 from runtime_exports import export_to
 
 pytest.importorskip("executorch", reason="executorch is not installed (requirements/executorch.txt)")
-pytestmark = pytest.mark.slow
+# One worker for the whole module: its programs are exported once (about 15 s), not once per worker.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("executorch")]
 CONFIG = {"model": {"dims": [3, 16, 2]}, "example": {"time": 6, "batch": 3},
           "executorch": {"time": 6, "max_batch": 8}, "mask": True}
 OUTSIDE = r"""
