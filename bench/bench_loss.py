@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from rnnloss import CTRNN, RNNLoss  # noqa: E402
+from rnnloss import ratesums  # noqa: E402
 
 ALL_ON = dict(lambda_mse=1.0, lambda_in=1e-3, lambda_hid=1e-3, lambda_out=1e-3,
               lambda_fr=1e-2, lambda_fr_sd=1e-2, lambda_fr_cv=1e-2)
@@ -160,6 +161,17 @@ def _memory_child(t, b, n, device, variant):
     print(status("VmHWM") - base - grads)
 
 
+def stock_ops(loss):
+    """``loss`` with the eager CUDA forward's Triton kernel switched off (ratesums.FUSED_ON_CUDA) for the call."""
+    def call(*args):
+        before, ratesums.FUSED_ON_CUDA = ratesums.FUSED_ON_CUDA, False
+        try:
+            return loss(*args)
+        finally:
+            ratesums.FUSED_ON_CUDA = before
+    return call
+
+
 def bench_loss(t, b, n, device, rounds, compile_peers=True):
     torch.manual_seed(0)
     model = CTRNN((3, n, 2)).to(device)
@@ -190,6 +202,9 @@ def bench_loss(t, b, n, device, rounds, compile_peers=True):
 
     naive = lambda p, l, s: naive_loss(model, p, l, s, lam)  # noqa: E731
     fns = {"floor": fwd(floor), "ours eager": fwd(loss), "ours scripted": fwd(scripted), "naive": fwd(naive)}
+    kernel = ratesums._fused_kernel(states) is not None  # the eager CUDA forward's Triton kernel
+    if kernel:  # side by side with the stock operators it replaces
+        fns["ours eager, stock ops"] = fwd(stock_ops(loss))
     peers = {}
     compile_failures = []
     if compile_peers:
@@ -233,9 +248,14 @@ def bench_loss(t, b, n, device, rounds, compile_peers=True):
     alone = consecutive({k: fns[k] for k in ("floor", "ours eager", "ours scripted")}, rounds, device)
     bwd_fns = {"floor (read states, write grad)": lambda: torch.mul(states, 2.0),
                "ours eager": fwd_bwd(loss), "ours scripted": fwd_bwd(scripted), "naive": fwd_bwd(naive)}
+    if kernel:
+        bwd_fns["ours eager, stock ops"] = fwd_bwd(stock_ops(loss))
     bwd_fns.update({k: fwd_bwd(v) for k, v in peers.items()})
     bwd_times = interleaved(bwd_fns, rounds, device)
     print(f"\n(T, B, N) = ({t}, {b}, {n}), {t * b * n / 1e6:.1f} M rates, fp32, {device} {ort_note}")
+    if device == "cuda":
+        print("  eager forward's rate sums: " + ("the Triton kernel (rnnloss.triton_sums); 'stock ops' without it"
+                                              if kernel else "stock operators (no Triton, or a GPU before sm_70)"))
     for line in compile_failures:
         print("  " + line)
     print("  forward:")

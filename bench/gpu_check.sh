@@ -124,7 +124,7 @@ python_lane() {
     [ -e "$RNNLOSS_GPU_WAIT_FOR" ] || failed wait_for "RNNLOSS_GPU_WAIT_FOR=$RNNLOSS_GPU_WAIT_FOR did not appear in $waited s"
   fi
   {
-    for m in onnx onnxruntime onnxscript; do $PYTHON -c "import $m; print('$m', $m.__version__)" 2>&1 | tail -1; done
+    for m in onnx onnxruntime onnxscript triton; do $PYTHON -c "import $m; print('$m', $m.__version__)" 2>&1 | tail -1; done
     if ort_probe; then echo "CUDAExecutionProvider loads as installed"
     else
       local before=${LD_LIBRARY_PATH:-} libs

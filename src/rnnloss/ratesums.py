@@ -7,7 +7,8 @@ whether the contract's accuracy (1e-5 against float64) holds. :func:`rate_sums` 
 dispatch point; every path returns float64 sums equal to float32 rounding:
 
 ============== ====================================================================================
-eager          :class:`_RateSums`: values from :func:`sums` (below); the backward writes
+eager          :class:`_RateSums`: values from :func:`sums` (below) — on a CUDA GPU with Triton from
+               :mod:`rnnloss.triton_sums`, one read of the rates for both sums; the backward writes
                :math:`2 g_{sq} r + g_{col}` in one pass (``addcmul``) and is built of differentiable
                operations, so second-order gradients are exact. A naive formulation writes four
                full-size tensors in its backward; this one writes the gradient only. Inside
@@ -34,6 +35,8 @@ one block (row norms there are tree reductions, accurate at any width; the float
 most 1/8 of the rates' memory); other rates blocks of 2^24, which bounds every temporary. Rates that
 must be copied (a neuron subset, a neuron-major buffer) are copied once, whole.
 """
+import functools
+import warnings
 from typing import List, Tuple
 
 import torch
@@ -161,6 +164,12 @@ class _RateSums(torch.autograd.Function):
 
     @staticmethod
     def forward(states: Tensor, need_sq: bool, need_col: bool):  # type: ignore[override]
+        fused = _fused_kernel(states)
+        if fused is not None:
+            try:
+                return fused(rows_of(states), need_sq, need_col)
+            except Exception as e:  # noqa: BLE001 - Triton's compiler and launcher raise many kinds
+                _give_up_fused(e)
         return sums(states, need_sq, need_col)
 
     @staticmethod
@@ -189,6 +198,40 @@ class _RateSums(torch.autograd.Function):
         else:
             grad = g_col.to(acc).expand(states.shape)
         return grad.to(states.dtype), None, None
+
+
+FUSED_ON_CUDA = True
+"""Whether the eager forward on a CUDA GPU reads the rates once with :mod:`rnnloss.triton_sums` (where Triton
+imports and the GPU is an NVIDIA sm_70 or newer, as Triton requires); ``False`` takes the stock operators of
+:func:`sums`. The first kernel that fails (no C compiler for Triton's launcher, an unwritable cache, a driver
+too old for its ptxas) sets it to ``False`` with a warning that names the error."""
+
+
+def _fused_kernel(states: Tensor):
+    """:func:`rnnloss.triton_sums.fused_sums` where it applies (see :data:`FUSED_ON_CUDA`), else ``None``.
+    Plain tensors only: a tensor subclass (a fake tensor, a distributed one) takes the stock operators."""
+    if not (FUSED_ON_CUDA and states.is_cuda and type(states) is torch.Tensor and states.numel() > 0
+            and torch.version.hip is None):
+        return None
+    fused = _import_fused()
+    return fused if fused is not None and torch.cuda.get_device_capability(states.device)[0] >= 7 else None
+
+
+@functools.lru_cache(maxsize=None)
+def _import_fused():
+    try:
+        from .triton_sums import fused_sums
+    except ImportError:  # no Triton (CPU builds of torch, some platforms): the stock operators
+        return None
+    return fused_sums
+
+
+def _give_up_fused(error: Exception) -> None:
+    global FUSED_ON_CUDA
+    FUSED_ON_CUDA = False
+    warnings.warn(f"rnnloss: the Triton kernel of the rate sums failed ({type(error).__name__}: "
+                  f"{str(error).strip()[:300]}); the eager CUDA forward uses stock operators from now on",
+                  RuntimeWarning, stacklevel=3)
 
 
 def rate_sums(states: Tensor, need_sq: bool, need_col: bool) -> Tuple[Tensor, Tensor]:

@@ -1,10 +1,17 @@
 """The rate-sum engine (rnnloss.ratesums): Σr² and the per-neuron sums on every path (eager Function, the
-TorchScript surrogate, plain operations), their gradients, and the memory their GPU recipe may use."""
+TorchScript surrogate, plain operations, the Triton kernel), their gradients, and the memory their GPU recipe may
+use."""
+import importlib.util
+import json
+import subprocess
+import sys
+import warnings
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from cases import ALL_ON, make_inputs, make_model, script_roundtrip
+from cases import ALL_ON, CUDA, child_env, make_inputs, make_model, script_roundtrip
 from rnnloss import RNNLoss
 from rnnloss import ratesums
 
@@ -195,3 +202,118 @@ def test_gpu_recipe_reads_narrow_rates_whole_and_bounds_every_temporary(dtype, l
     assert len([b for b in copied if b == rates]) <= (1 if layout in _COPIED else 0), (layout, spy.seen)
     largest, op = max(others)
     assert largest <= max(rates // 8, 8 << 24), (largest, op, rates)
+
+
+# ---- the Triton kernel of the eager CUDA forward (rnnloss.triton_sums): on the CPU under Triton's interpreter
+
+_KERNEL_CHECK = r"""
+import json, sys
+import torch
+from rnnloss.triton_sums import BLOCK_S, MAX_STRIP, fused_sums
+device = sys.argv[1]
+g = torch.Generator().manual_seed(2)
+base = torch.rand(70, 30, 40, generator=g) * 4 - 1  # mixed signs: column sums cancel
+exact = torch.zeros(MAX_STRIP, 2)  # each tile's float32 sum exact; 2^24 + 15 needs the float64 between tiles
+exact[0], exact[BLOCK_S::BLOCK_S] = 2.0 ** 24, 1.0
+nonfinite = torch.rand(600, 5, generator=g)
+nonfinite[7, 0], nonfinite[550, 1], nonfinite[3, 2], nonfinite[9, 2] = float("inf"), float("nan"), float("inf"), -float("inf")
+cases = {  # (samples, N) rows as the engine hands them over; blocks of 128 neurons
+    "contiguous": base[..., :33].reshape(-1, 33),
+    "neuron_slice": base.reshape(-1, 40)[:, :33],
+    "neuron_major": base.reshape(-1, 40)[:300].t(),
+    "one_rate": base[:1, :1, 0].reshape(1, 1),
+    "one_neuron": base[..., :1].reshape(-1, 1),
+    "130_neurons_1100_samples": torch.rand(1100, 130, generator=g) * 4 - 1,
+    "float16": base.reshape(-1, 40).half(),
+    "bfloat16": base.reshape(-1, 40).bfloat16(),
+    "float64": base.reshape(-1, 40).double(),
+    "equal_neurons": base[..., :1].expand(70, 30, 7).reshape(-1, 7),
+    "exact": exact,
+    "nonfinite": nonfinite,
+}
+out = {}
+for strip in (None, BLOCK_S, MAX_STRIP):  # the default, one tile a strip, the longest strips
+    for name, rows in cases.items():
+        for need_sq, need_col in ((True, True), (True, False), (False, True)):
+            sq, col = fused_sums(rows.to(device), need_sq, need_col, strip)
+            sq, col, r = sq.cpu(), col.cpu(), rows.double()
+            u = 2.0 ** -53 if rows.dtype == torch.float64 else 2.0 ** -24
+            assert sq.dtype == col.dtype == torch.float64 and sq.shape == ()
+            assert col.shape == ((rows.size(1),) if need_col else ())
+            key = f"{name}, strip {strip}, sq {need_sq}, col {need_col}"
+            bound = 0.0 if name == "exact" else 1.0
+            if need_sq:
+                want = (r * r).sum()
+                if torch.isfinite(want):
+                    out[key + ": sq"] = [abs(sq.item() - want.item()), bound * (BLOCK_S + 1) * u * want.item()]
+                else:
+                    out[key + ": sq"] = [0.0 if torch.equal(sq, want) or (sq.isnan() and want.isnan()) else 1.0, 0.0]
+            else:
+                assert sq.item() == 0.0
+            if need_col:
+                want, finite = r.sum(0), torch.isfinite(r.sum(0))
+                err = ((col - want).abs() - bound * BLOCK_S * u * r.abs().sum(0))[finite]
+                same = torch.equal(col[~finite].isnan(), want[~finite].isnan()) and \
+                    torch.equal(col[~finite].nan_to_num(), want[~finite].nan_to_num())
+                out[key + ": col"] = [max(err.max().item(), 0.0) if same else 1.0, 0.0]
+            else:
+                assert col.item() == 0.0
+        if name == "equal_neurons":
+            assert torch.unique(fused_sums(rows.to(device), False, True, strip)[1]).numel() == 1
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                    reason="needs Triton (pinned in requirements/test.txt; a CPU build of torch does not bring it)")
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, CUDA])],
+                         ids=["cpu_interpreter", "cuda"])
+def test_the_triton_kernel_reads_every_layout_and_dtype_within_its_rounding_bound(device):
+    # Each tile sums at most BLOCK_S terms in the accumulation dtype (any order: at most BLOCK_S - 1 roundings,
+    # plus one for a square), everything after is float64: |error| ≤ BLOCK_S·u·Σ|r| per column and
+    # ≤ (BLOCK_S + 1)·u·Σr² for Σr²; 0 for the "exact" case, whose sums need float64 between tiles. A row or
+    # neuron lost or read twice is off by a whole rate, far beyond that. inf and NaN land where float64 puts them.
+    # The kernel is chosen at import, so a child process: the interpreter on the CPU, the GPU otherwise.
+    env = child_env(**({"TRITON_INTERPRET": "1"} if device == "cpu" else {}))
+    done = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", _KERNEL_CHECK, device], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(result) == 3 * 12 * 4
+    for case, (err, bound) in result.items():
+        assert err <= bound, (case, err, bound)
+
+
+def test_a_failing_kernel_warns_once_and_the_stock_operators_take_over(monkeypatch):
+    # Triton compiles its launcher with a C compiler and caches kernels on disk: where that fails, the loss
+    # keeps working. On the CPU the kernel is never chosen, so a stand-in that fails as a launch would.
+    def launch_fails(rows, need_sq, need_col):
+        raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
+
+    monkeypatch.setattr(ratesums, "FUSED_ON_CUDA", True)
+    monkeypatch.setattr(ratesums, "_fused_kernel", lambda s: launch_fails if ratesums.FUSED_ON_CUDA else None)
+    states = torch.rand(6, 3, 5, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match=r"Triton kernel of the rate sums failed \(RuntimeError: Failed to find C"):
+        sq, col = ratesums.rate_sums(states, True, True)
+    assert ratesums.FUSED_ON_CUDA is False
+    ref_sq, ref_col = _written_out(states)
+    assert sq.item() == pytest.approx(ref_sq.item(), rel=1e-12)
+    torch.testing.assert_close(col, ref_col, rtol=1e-12, atol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ratesums.rate_sums(states, True, True)  # once: no second warning
+
+
+@pytest.mark.cuda
+@CUDA
+def test_the_eager_cuda_forward_takes_the_triton_kernel_where_triton_imports():
+    states = torch.rand(40, 8, 64, device="cuda")
+    expected = ratesums._import_fused() is not None and torch.cuda.get_device_capability()[0] >= 7
+    assert (ratesums._fused_kernel(states) is not None) == expected
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # neither a failed kernel nor Triton's own notices
+        sq, col = ratesums.rate_sums(states, True, True)
+    assert ratesums.FUSED_ON_CUDA
+    ref_sq, ref_col = _written_out(states.cpu())
+    assert sq.item() == pytest.approx(ref_sq.item(), rel=1e-6)  # within the kernel's and sums' rounding bounds
+    torch.testing.assert_close(col.cpu(), ref_col, rtol=1e-6, atol=1e-6)
