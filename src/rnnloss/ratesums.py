@@ -210,15 +210,16 @@ too old for its ptxas) sets it to ``False`` with a warning that names the error.
 def _fused_kernel(states: Tensor):
     """:func:`rnnloss.triton_sums.fused_sums` where it applies (see :data:`FUSED_ON_CUDA`), else ``None``.
     Plain tensors only: a tensor subclass (a fake tensor, a distributed one) takes the stock operators."""
-    if not (FUSED_ON_CUDA and states.is_cuda and type(states) is torch.Tensor and states.numel() > 0
-            and torch.version.hip is None):
+    if not (FUSED_ON_CUDA and states.is_cuda and type(states) is torch.Tensor and states.numel() > 0):
         return None
-    fused = _import_fused()
-    return fused if fused is not None and torch.cuda.get_device_capability(states.device)[0] >= 7 else None
+    return _fused_on(states.device)
 
 
 @functools.lru_cache(maxsize=None)
-def _import_fused():
+def _fused_on(device: torch.device):
+    """The kernel if Triton imports and ``device`` is an NVIDIA GPU of sm_70 or newer, else ``None`` (once a device)."""
+    if torch.version.hip is not None or torch.cuda.get_device_capability(device)[0] < 7:
+        return None
     try:
         from .triton_sums import fused_sums
     except ImportError:  # no Triton (CPU builds of torch, some platforms): the stock operators
