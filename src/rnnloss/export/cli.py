@@ -126,6 +126,7 @@ def run(config: Dict[str, Any], out: Path, *, force: bool, device: str, keep_rej
         if not all(row.passed for row in rows):
             print(f"parity FAILED: {out} left unchanged; {_rejected(ws, real, keep_rejected)}", file=stream)
             return 1
+        _stop_if_terminated()  # a SIGTERM whose exception was lost: not installed
         ws.install(real, f"--out {out}", force)
         print(f"all {len(rows)} parity checks passed; artifacts in {out}", file=stream)
         return 0
@@ -305,8 +306,26 @@ class _Terminated(BaseException):
     """SIGTERM, raised in the main thread so that cleanup runs as for any error."""
 
 
+_terminated = False  # set by the handler: Python drops an exception raised in a weakref callback or __del__
+
+
 def _on_sigterm(signum, frame):
+    global _terminated
+    _terminated = True
     raise _Terminated()
+
+
+def _stop_if_terminated() -> None:
+    """Raise :class:`_Terminated` if a SIGTERM came whose exception was lost (checked at each progress line and
+    before the install)."""
+    if _terminated:
+        raise _Terminated()
+
+
+def _report_terminated(prog: str) -> int:
+    print(f"{prog}: terminated (SIGTERM); temporary files removed, --out holds a complete export or is unchanged",
+          file=sys.stderr)
+    return 128 + signal.SIGTERM
 
 
 class _Parser(argparse.ArgumentParser):
@@ -343,8 +362,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error("--verify DIR takes no --config, --out, --force or --keep-rejected")
     out = args.out or "artifacts"
     prog = parser.prog
-    progress = (lambda line: None) if args.quiet else (lambda line: print(f"{prog}: {line}", file=sys.stderr,
-                                                                          flush=True))
+
+    def progress(line: str) -> None:
+        _stop_if_terminated()
+        if not args.quiet:
+            print(f"{prog}: {line}", file=sys.stderr, flush=True)
+
+    global _terminated
+    _terminated = False
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
@@ -355,17 +380,19 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise UserError(f"--device cuda: no CUDA GPU is visible to torch {torch.__version__}")
         if args.verify is not None:
             return verify(Path(args.verify), device=args.device, progress=progress)
-        return run(config, Path(out), force=args.force, device=args.device, keep_rejected=args.keep_rejected,
-                   progress=progress)
+        status = run(config, Path(out), force=args.force, device=args.device, keep_rejected=args.keep_rejected,
+                     progress=progress)
+        _stop_if_terminated()
+        return status
     except _Terminated:
-        print(f"{prog}: terminated (SIGTERM); temporary files removed, --out holds a complete export or is unchanged",
-              file=sys.stderr)
-        return 128 + signal.SIGTERM
+        return _report_terminated(prog)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; temporary files removed, --out holds a complete export or is unchanged",
               file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - sorted into "user can fix" (exit 2) and bugs (exit 3)
+        if _terminated:  # the SIGTERM's own exception was lost, e.g. inside a half-imported module
+            return _report_terminated(prog)
         message = user_message(e, out)
         if message is None:
             traceback.print_exc()
