@@ -42,6 +42,8 @@ class RNNLoss(nn.Module):
 
     With ``sync_stats=True`` the sums behind mse, fr, fr_sd and fr_cv are all-reduced over
     ``process_group`` (default: the world), so every rank computes the global batch's loss (eager only).
+    Otherwise the module scripts (``torch.jit.script``) and compiles without graph breaks
+    (``torch.compile(loss, fullgraph=True)``: stock operations, which Inductor fuses).
 
     Shape:
         - pred, label: any shape, identical (no broadcasting); commonly (T, B, N_out).

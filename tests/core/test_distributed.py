@@ -1,5 +1,6 @@
 """sync_stats=True: two gloo processes give the single-process loss and, after DDP's averaging,
-the single-process gradients on the concatenated batch; sync_stats=False stays per rank."""
+the single-process gradients on the concatenated batch; sync_stats=False stays per rank. On CUDA the same
+check runs over nccl."""
 import os
 import sys
 
@@ -8,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from cases import ALL_ON, ROOT
+from cases import ALL_ON, CUDA, ROOT
 from rnnloss import CTRNN, RNNLoss
 T, BATCH, DIMS = 6, 8, (3, 10, 2)
 
@@ -33,21 +34,24 @@ def fresh_model():
     return CTRNN(DIMS, activation="softplus")
 
 
-def _worker(rank, world, init_file, split, sync, out_dir, masked=False):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+def _worker(rank, world, init_file, split, sync, out_dir, masked=False, backend="gloo"):
+    device = torch.device(f"cuda:{rank}" if backend == "nccl" else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        model = fresh_model()
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        model = fresh_model().to(device)
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rank] if device.type == "cuda" else None)
         loss = RNNLoss(model, sync_stats=sync, **ALL_ON)
         x, y = global_batch()
         start = sum(split[:rank])
-        xs, ys = x[:, start:start + split[rank]], y[:, start:start + split[rank]]
-        mask = global_mask()[:, start:start + split[rank]] if masked else None
+        xs, ys = x[:, start:start + split[rank]].to(device), y[:, start:start + split[rank]].to(device)
+        mask = global_mask()[:, start:start + split[rank]].to(device) if masked else None
         output, states = ddp(xs)
         total, comps = loss(output, ys, states, mask)
         total.backward()  # DDP averages the parameter gradients over the ranks
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-        torch.save({"total": total.detach(), "comps": comps.detach(), "grads": grads},
+        grads = {n: p.grad.cpu() for n, p in model.named_parameters() if p.requires_grad}
+        torch.save({"total": total.detach().cpu(), "comps": comps.detach().cpu(), "grads": grads},
                    os.path.join(out_dir, f"rank{rank}.pt"))
         del total, comps, output, states  # the graph holds collective work objects
         dist.barrier()
@@ -55,32 +59,43 @@ def _worker(rank, world, init_file, split, sync, out_dir, masked=False):
         dist.destroy_process_group()
 
 
-def run_ranks(tmp_path, split, sync, masked=False):
+def run_ranks(tmp_path, split, sync, masked=False, backend="gloo"):
     init_file = tmp_path / "init"
-    mp.spawn(_worker, args=(len(split), str(init_file), split, sync, str(tmp_path), masked), nprocs=len(split),
-             join=True)
+    mp.spawn(_worker, args=(len(split), str(init_file), split, sync, str(tmp_path), masked, backend),
+             nprocs=len(split), join=True)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(len(split))]
 
 
-def single_process(x=None, y=None, mask=None):
-    model = fresh_model()
+def single_process(x=None, y=None, mask=None, device="cpu"):
+    model = fresh_model().to(device)
     loss = RNNLoss(model, **ALL_ON)
     gx, gy = global_batch()
-    x = gx if x is None else x
-    y = gy if y is None else y
+    x = (gx if x is None else x).to(device)
+    y = (gy if y is None else y).to(device)
     output, states = model(x)
-    total, comps = loss(output, y, states, mask)
+    total, comps = loss(output, y, states, None if mask is None else mask.to(device))
     total.backward()
-    return total.detach(), comps.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    return (total.detach().cpu(), comps.detach().cpu(),
+            {n: p.grad.cpu() for n, p in model.named_parameters() if p.requires_grad})
+
+
+# nccl: one rank per visible GPU, two at most (one GPU is world size 1, which still runs the collective and its
+# backward on the device); compared with one process on the first GPU.
+NCCL = pytest.param(None, True, "nccl", marks=[
+    pytest.mark.cuda, CUDA, pytest.mark.skipif(not dist.is_nccl_available(), reason="this torch has no nccl backend")])
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("split, masked", [((4, 4), False), ((3, 5), False), ((3, 5), True)],
-                         ids=["even", "uneven_3+5", "uneven_3+5_masked"])
-def test_synced_loss_and_ddp_gradients_equal_one_process_on_the_whole_batch(tmp_path, split, masked):
+@pytest.mark.parametrize("split, masked, backend", [((4, 4), False, "gloo"), ((3, 5), False, "gloo"),
+                                                    ((3, 5), True, "gloo"), NCCL],
+                         ids=["even", "uneven_3+5", "uneven_3+5_masked", "nccl_masked"])
+def test_synced_loss_and_ddp_gradients_equal_one_process_on_the_whole_batch(tmp_path, split, masked, backend):
     # With a mask, Σ w·e² and Σ w are all-reduced: the weighted mean over the global batch.
-    ranks = run_ranks(tmp_path, split, sync=True, masked=masked)
-    total, comps, grads = single_process(mask=global_mask() if masked else None)
+    if split is None:
+        split = (3, 5) if torch.cuda.device_count() > 1 else (8,)
+    ranks = run_ranks(tmp_path, split, sync=True, masked=masked, backend=backend)
+    total, comps, grads = single_process(mask=global_mask() if masked else None,
+                                         device="cuda:0" if backend == "nccl" else "cpu")
     for r in ranks:
         torch.testing.assert_close(r["total"], total, rtol=1e-5, atol=0)
         torch.testing.assert_close(r["comps"], comps, rtol=1e-5, atol=0)
