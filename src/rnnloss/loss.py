@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from .model import CTRNN
 from .ratesums import accumulation_dtype
 from .rules import (COMPONENT_NAMES, LAMBDA_NAMES, Rule, Term, check_float_tensor, check_lambda, dtype_name, error,
-                    float32_max, head, shape_of)
+                    float32_max, shape_of)
 from .terms import Flags, Stats, compiling, components, exporting, statistics
 
 

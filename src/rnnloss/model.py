@@ -62,9 +62,6 @@ class RecurrentLayer(nn.Module):
         self.hidden_state = nn.Parameter(torch.zeros(n_hid), requires_grad=learn_init)
         self.alpha = None if alpha is None else nn.Parameter(torch.full((n_hid,), alpha))
 
-    def forward(self, r: Tensor) -> Tensor:  # pragma: no cover - CTRNN drives the layers
-        return self.hidden_layer(r)
-
 
 class CTRNN(nn.Module):
     r"""Continuous-time recurrent network (see the module docstring for the dynamics).

@@ -1,16 +1,8 @@
 """The package's tables: the components (:class:`Term`) and every refusal (:class:`Rule`).
 
-:class:`Rule` holds each refusal: its name, its message, who raises it. Each member's value is
-the message template; ``{}`` are filled in order by the code that raises it
-(``Rule.LABEL_SHAPE.value.format(...)``). The same text reaches every runtime:
-
-- eager and TorchScript run the same check functions (TorchScript compiles ``Enum`` members, so
-  the scripted module carries the table's text);
-- the C++ library includes ``cpp/src/rules.h``, generated from this table by
-  ``python -m rnnloss.rules cpp`` and checked by a test that fails when it is stale;
-- an exported graph cannot format run-time values into a message, so it raises the rule's
-  :func:`head` — the text before ``, got`` with the values known at export time filled in;
-- ``docs/errors.md`` is generated from the table too (``python -m rnnloss.rules docs``).
+Each :class:`Rule` member's value is its message template (``{}`` filled in order by the raiser). How
+the same text reaches every runtime: docs/design.md ("Every refusal is a row of one table");
+``python -m rnnloss.rules cpp|docs`` writes ``cpp/src/rules.h`` and ``docs/errors.md``.
 
 :func:`float32_max` is the one Python spelling of the largest λ (and config number) accepted.
 """
@@ -21,7 +13,6 @@ from typing import List
 
 import torch
 from torch import Tensor
-
 
 
 def float32_max() -> float:

@@ -7,6 +7,7 @@ config, λ, dims, inputs, versions — the manifest without its sums and parity 
 (its parameters and buffers, and the model options it records) against the config. Adding an
 artifact is adding one entry to :data:`REGISTRY`.
 """
+import copy
 import dataclasses
 import json
 import zipfile
@@ -119,7 +120,6 @@ class Check:
 
 
 def _moved(loss: RNNLoss, device: str) -> RNNLoss:
-    import copy
     return loss if device == "cpu" else copy.deepcopy(loss).to(device)
 
 

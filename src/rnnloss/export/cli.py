@@ -1,8 +1,6 @@
 """``rnnloss-export``: config -> artifacts -> parity -> atomic install; ``--verify DIR`` checks a folder.
 
-Exit 0: every artifact written, loaded, within tolerance of eager mode and installed in --out. Exit 1: a parity
-(or --verify) check failed; --out is unchanged, the rejected build kept beside it only when small or asked for.
-Exit 2: anything the user can fix, as one line on stderr, nothing left behind. Exit 3: a bug, with its traceback.
+Exit statuses 0-3: :func:`main`'s description (``--help``) and docs/export.md.
 torch is imported only once the arguments are parsed, so ``--help`` and ``--version`` answer at once.
 """
 import argparse
@@ -21,20 +19,14 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
+from .. import __version__
+
 REJECTED_KEEP_BYTES = 64 << 20  # a rejected build up to this size is kept without --keep-rejected
 UNVERIFIABLE = ("sha256", "parity", "parity_devices")  # the manifest fields the artifacts do not embed
 
 
 class UserError(Exception):
     """A problem the user can fix (exit 2); ``str()`` is the one line to print."""
-
-
-def _version() -> str:
-    from importlib import metadata
-    try:
-        return metadata.version("rnnloss")
-    except metadata.PackageNotFoundError:
-        return "unknown (not installed)"
 
 
 def require(config: Dict[str, Any]) -> None:
@@ -141,7 +133,7 @@ def write_all(config: Dict[str, Any], folder: Path, progress: Callable[[str], No
     loss = build(config)
     ex = config["example"]
     example = sample_inputs(loss, ex["time"], ex["batch"], seed=config["seed"], mask=config["mask"])
-    versions: Dict[str, Optional[str]] = {"rnnloss": _version(), "torch": torch.__version__}
+    versions: Dict[str, Optional[str]] = {"rnnloss": __version__, "torch": torch.__version__}
     from importlib import metadata as packages
     for name in ("onnx", "onnxruntime", "onnxscript", "executorch"):  # (executorch has no __version__)
         try:
@@ -354,7 +346,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="check an export folder instead: sums, every manifest field against the artifacts and "
                              "their config, loading, parity (exit 0 all hold, 1 not, 2 DIR unusable)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     args = parser.parse_args(argv)
     if args.out == "" or args.verify == "":
         parser.error("--out and --verify take a folder, got an empty name")

@@ -1,20 +1,12 @@
 """The ExecuTorch programs: ``ctrnn.pte`` (the model's forward), ``rnn_loss.pte`` (the loss's forward) and
 ``ctrnn_train.pte`` (the joint forward-backward graph that ExecuTorch's training module runs).
 
-Shapes. The model's time loop unrolls under torch.export, so ``ctrnn.pte`` and ``ctrnn_train.pte`` are
-compiled for exactly ``executorch.time`` steps of N_in inputs. ``torch.export``'s ``scan`` would give a
-dynamic time axis, but ExecuTorch 1.5 runs it only with a static batch, and it was no faster; a fixed length
-per program keeps one program for every batch. The batch is dynamic; memory is planned for
-``executorch.time`` × ``executorch.max_batch``. ExecuTorch 1.5 accepts, for an input with a dynamic axis,
-any shape that fits its planned memory, checks no rule between inputs, and its lowering drops assertion
-nodes: so every axis of every input is a bounded dimension of its own, and the size rules (the model input's
-time and width among them) are nodes that index out of range when a rule fails
-(:class:`~rnnloss.export.tracing.Refusals`): a bad size ends in an error (``0x12``, the kernel's message on
-stderr), never a number. Every program answers ``rnnloss_json`` (the export's description), ``time_steps``
-and ``max_batch`` as constant methods. Programs run the portable kernels (XNNPACK brought no gain for these
-small matrix products).
+Shapes, memory planning and refusals (every axis a bounded dimension of its own, size rules as
+:class:`~rnnloss.export.tracing.Refusals`): docs/export.md, "Shapes and dtypes". Programs run the portable
+kernels (XNNPACK brought no gain for these small matrix products).
 """
 import contextlib
+import copy
 import json
 import os
 import sys
@@ -128,8 +120,6 @@ class TrainStep(nn.Module):
 
 
 def write_train(b, path: Path) -> None:
-    import copy
-
     from torch.export.experimental import _export_forward_backward
 
     loss = copy.deepcopy(b.loss)  # in eval mode: the program draws no noise (documented)
@@ -215,8 +205,6 @@ def check_train(c, device: str) -> Row:
     eagerly: the losses of the trajectory and the final weights, each allowed the one-step allowance times
     the number of steps (errors may add up step by step; none is assumed to shrink)."""
     def body(row: Row) -> None:
-        import copy
-
         from executorch.extension.training import get_sgd_optimizer
         module = _training_module(c.folder / "ctrnn_train.pte")
         eager = TrainStep(copy.deepcopy(c.eager), c.config["executorch"]["time"])

@@ -37,6 +37,8 @@ CODE_LIMIT = 16 << 20  # bytes of code one archive entry may hold before load_sc
 FORMAT = "rnnloss.native"
 VERSION = 1
 _BIAS_SPEC = {"trained": True, "fixed": None, "absent": False}  # CTRNN's ``biases`` per kind
+# The CTRNN options the file records, each as the model holds it (float, str or bool).
+_OPTIONS = ("tau", "dt", "activation", "preact_noise", "postact_noise", "batch_first", "learn_alpha", "init_state")
 _MASKS = (("sparsity_masks", "sparsity"), ("ei_masks", "sign"), ("plasticity_masks", "plasticity"))
 
 
@@ -60,10 +62,7 @@ def native_payload(loss: RNNLoss) -> Dict[str, Any]:
     kinds = {True: "trained", None: "fixed", False: "absent"}
     return {
         "format": FORMAT, "version": VERSION,
-        "model": {"dims": [model.n_in, model.n_hid, model.n_out], "tau": float(model.tau), "dt": float(model.dt),
-                  "activation": model.activation, "preact_noise": float(model.preact_noise),
-                  "postact_noise": float(model.postact_noise), "batch_first": bool(model.batch_first),
-                  "learn_alpha": bool(model.learn_alpha), "init_state": model.init_state,
+        "model": {"dims": [model.n_in, model.n_hid, model.n_out], **{k: getattr(model, k) for k in _OPTIONS},
                   "biases": [kinds[_bias_spec(lin)] for lin in _linears(model)],
                   **{kind: [f"{prefix}_{layer}" in state for layer in LAYERS] for kind, prefix in _MASKS}},
         "loss": {"component_names": list(COMPONENT_NAMES), "active": list(loss._on),
@@ -141,11 +140,8 @@ def load_native(path: Union[str, Path]) -> RNNLoss:
             raise NotAnRNNLossFile(f"{path}: the state's floating-point tensors must share one real dtype")
         masks = {kind: [state[f"{prefix}_{layer}"] if m[kind][k] else None for k, layer in enumerate(LAYERS)]
                  for kind, prefix in _MASKS}
-        loss = rebuild(active, state["recurrent_layer.hidden_layer.weight"].dtype, m["dims"], tau=m["tau"],
-                       dt=m["dt"], activation=m["activation"], preact_noise=m["preact_noise"],
-                       postact_noise=m["postact_noise"], biases=[_BIAS_SPEC[kind] for kind in m["biases"]],
-                       batch_first=m["batch_first"], learn_alpha=m["learn_alpha"], init_state=m["init_state"],
-                       **masks)
+        loss = rebuild(active, state["recurrent_layer.hidden_layer.weight"].dtype, m["dims"],
+                       biases=[_BIAS_SPEC[kind] for kind in m["biases"]], **{k: m[k] for k in _OPTIONS}, **masks)
         lambdas = torch.tensor(spec["lambdas"], dtype=torch.float64)
         loss.model.load_state_dict(state, strict=True)
         loss.load_state_dict({"lambdas": lambdas}, strict=False)
@@ -214,15 +210,12 @@ def from_torchscript(source: Union[str, Path, torch.jit.ScriptModule]) -> RNNLos
                                f"{list(COMPONENT_NAMES)}: it was saved by another version of rnnloss")
     state = {k: v.detach().cpu() for k, v in sm.state_dict().items()}
     _check_sizes([sm.n_in, sm.n_hid, sm.n_out], state, str(source))
-    layers = (sm.recurrent_layer.input_layer, sm.recurrent_layer.hidden_layer, sm.readout_layer)
     masks: Dict[str, Optional[List[Optional[torch.Tensor]]]] = {}
     for kind, prefix in _MASKS:
         given = [state.get(f"{prefix}_{layer}") for layer in LAYERS]
         masks[kind] = None if all(m is None for m in given) else given
     loss = rebuild(tuple(scripted._on), state["recurrent_layer.hidden_layer.weight"].dtype,
-                   (sm.n_in, sm.n_hid, sm.n_out), tau=sm.tau, dt=sm.dt, activation=sm.activation,
-                   preact_noise=sm.preact_noise, postact_noise=sm.postact_noise,
-                   biases=[_bias_spec(lin) for lin in layers], weights="zero", init_state=sm.init_state,
-                   learn_alpha=sm.learn_alpha, batch_first=sm.batch_first, **masks)
+                   (sm.n_in, sm.n_hid, sm.n_out), biases=[_bias_spec(lin) for lin in _linears(sm)], weights="zero",
+                   **{k: getattr(sm, k) for k in _OPTIONS}, **masks)
     loss.load_state_dict({k: v.detach().cpu() for k, v in scripted.state_dict().items()}, strict=True)
     return loss.train(module.training)

@@ -4,9 +4,7 @@ An exported graph has no Python around it, and the ONNX exporter drops torch's a
 so the rules a graph can see are added as nodes (:func:`add_refusals`). Each rule is one
 ``ScatterND`` named after the rule's message: it writes into a 1-element tensor at index 0 when
 the rule holds and at index 1 — out of range — when it fails, so the node itself fails in every
-runtime: ONNX Runtime (Python and Node) raises from ``session.run`` with ``Name:'<message>'`` in
-its text (its own prefix, "Non-zero status code returned while running ScatterND node", comes
-first), tract and ``onnx.reference`` and onnx2torch raise an index error. No output shape
+runtime (what each one raises: docs/export.md). No output shape
 depends on a check (tract refuses a graph whose shapes depend on data), and the checks use only
 operators all of them implement: Shape, Gather, Equal, Greater, Less, Not, And, Cast, ReduceSum,
 Where, ScatterND, Mul. Each output is multiplied by an exact 1.0 that depends on every rule, so

@@ -178,8 +178,6 @@ class Row:
         return d
 
 
-
-
 def fresh_shapes(time: int, batch: int) -> List[Tuple[int, int]]:
     """(time, batch) pairs that differ from the export example, batch 1 and time 1 among them."""
     shapes = [(1, 1), (time + 3, 1), (1, batch + 2), (time + 7, batch + 5)]
