@@ -43,7 +43,8 @@ class RNNLoss(nn.Module):
     With ``sync_stats=True`` the sums behind mse, fr, fr_sd and fr_cv are all-reduced over
     ``process_group`` (default: the world), so every rank computes the global batch's loss (eager only).
     Otherwise the module scripts (``torch.jit.script``) and compiles without graph breaks
-    (``torch.compile(loss, fullgraph=True)``: stock operations, which Inductor fuses).
+    (``torch.compile(loss, fullgraph=True)``: stock operations, which Inductor fuses; there the checks of
+    mask weights and λ values are graph assertions, raising RuntimeError with the rule's message).
 
     Shape:
         - pred, label: any shape, identical (no broadcasting); commonly (T, B, N_out).

@@ -32,6 +32,19 @@ def test_the_native_file_reads_back_with_weights_only_and_describes_the_loss(tmp
         assert value.dtype == payload["state_dict"][name].dtype and torch.equal(value, payload["state_dict"][name])
 
 
+def test_the_native_file_writes_options_as_plain_types_whatever_the_attributes_hold(tmp_path):
+    # Attributes set after construction (an int flag, a numpy string, a 0-d tensor) are written as the types
+    # the readers (load_native, the C++ library, weights_only) take.
+    np = pytest.importorskip("numpy")
+    model = CTRNN((3, 4, 2))
+    model.batch_first, model.activation, model.tau = 1, np.str_("relu"), torch.tensor(100.0)
+    save_native(RNNLoss(model), tmp_path / "n.pt")
+    m = torch.load(tmp_path / "n.pt", weights_only=True)["model"]
+    assert (type(m["batch_first"]), type(m["activation"]), type(m["tau"])) == (bool, str, float)
+    back = load_native(tmp_path / "n.pt").model
+    assert (back.batch_first, back.activation, back.tau) == (True, "relu", 100.0)
+
+
 def test_save_native_refuses_what_it_cannot_describe(tmp_path):
     with pytest.raises(TypeError, match="loss must be an RNNLoss, got CTRNN"):
         save_native(CTRNN((3, 8, 2)), tmp_path / "n.pt")

@@ -1,4 +1,5 @@
-"""The exported graphs keep the accuracy bound at 10^7 elements (ONNX Runtime CPU and the .pt2),
+"""The exported graphs keep the accuracy bound at 10^7 elements (ONNX Runtime CPU and the .pt2), and so does
+``torch.compile`` of the loss (traced with the ``aot_eager`` backend: the compile-only sums, on the CPU),
 against float64 of the formulas on the same float32 inputs (tests/reference.py, NumPy only):
 
 - mse and fr within 1e-5 relative;
@@ -29,8 +30,9 @@ def graphs(request, tmp_path_factory):
     n = request.param
     folder = tmp_path_factory.mktemp(f"accuracy{n}")
     rates = {"lambda_mse": 1.0, "lambda_fr": 1.0, "lambda_fr_sd": 1.0, "lambda_fr_cv": 1.0}
-    export_to(folder, {"model": {"dims": [3, n, n]}, "loss": rates, "example": {"time": 5, "batch": 3}},
-              {"rnn_loss.onnx", "rnn_loss.pt2"})
+    loss, _ = export_to(folder, {"model": {"dims": [3, n, n]}, "loss": rates, "example": {"time": 5, "batch": 3}},
+                        {"rnn_loss.onnx", "rnn_loss.pt2"})
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
     session = ort.InferenceSession(str(folder / "rnn_loss.onnx"), providers=["CPUExecutionProvider"])
     program = torch.export.load(str(folder / "rnn_loss.pt2")).module()
 
@@ -42,7 +44,11 @@ def graphs(request, tmp_path_factory):
         return torch.from_numpy(session.run(["components"], dict(zip(("pred", "label", "states"),
                                                                      (x.numpy() for x in xs))))[0])
 
-    return n, {"onnxruntime": run_ort, "pt2": run_pt2}
+    def run_compiled(*xs):
+        with torch.no_grad():
+            return compiled(*xs)[1]
+
+    return n, {"onnxruntime": run_ort, "pt2": run_pt2, "torch.compile": run_compiled}
 
 
 @pytest.mark.slow

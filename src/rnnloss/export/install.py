@@ -1,7 +1,10 @@
 """Put a finished export folder in place of ``--out`` atomically, deleting nothing it did not write.
 
-- What ``--out`` may be and hold: :func:`resolve_out`, :func:`occupant`, :func:`permission_problem` (all
-  refused as :class:`InTheWay`, before any work).
+- ``--out`` is resolved through symlinks (the link stays; a dangling one gets its target created); the root, the
+  current folder and folders above it are refused.
+- The target must be missing or an empty folder; with ``--force`` also an earlier export of this command (its
+  manifest plus only plain files it lists, each unchanged). Anything else, a mount point, or a permission the run
+  will need (sticky folders such as /tmp included) is :class:`InTheWay`, before any work.
 - The export is built beside the target and swapped in by ``renameat2(RENAME_EXCHANGE)``, so the target is at every
   instant the complete old or new export; the old one is then deleted, manifest first. Without the exchange: two
   renames (old aside, new in); a death between them is repaired by the next run. The target stays a real folder

@@ -37,8 +37,10 @@ CODE_LIMIT = 16 << 20  # bytes of code one archive entry may hold before load_sc
 FORMAT = "rnnloss.native"
 VERSION = 1
 _BIAS_SPEC = {"trained": True, "fixed": None, "absent": False}  # CTRNN's ``biases`` per kind
-# The CTRNN options the file records, each as the model holds it (float, str or bool).
-_OPTIONS = ("tau", "dt", "activation", "preact_noise", "postact_noise", "batch_first", "learn_alpha", "init_state")
+# The CTRNN options the file records, each with the plain type it is written as (an attribute set after
+# construction, e.g. ``batch_first = 1`` or a numpy string, is written as the reader expects it).
+_OPTIONS = {"tau": float, "dt": float, "activation": str, "preact_noise": float, "postact_noise": float,
+            "batch_first": bool, "learn_alpha": bool, "init_state": str}
 _MASKS = (("sparsity_masks", "sparsity"), ("ei_masks", "sign"), ("plasticity_masks", "plasticity"))
 
 
@@ -62,7 +64,7 @@ def native_payload(loss: RNNLoss) -> Dict[str, Any]:
     kinds = {True: "trained", None: "fixed", False: "absent"}
     return {
         "format": FORMAT, "version": VERSION,
-        "model": {"dims": [model.n_in, model.n_hid, model.n_out], **{k: getattr(model, k) for k in _OPTIONS},
+        "model": {"dims": [model.n_in, model.n_hid, model.n_out], **{k: kind(getattr(model, k)) for k, kind in _OPTIONS.items()},
                   "biases": [kinds[_bias_spec(lin)] for lin in _linears(model)],
                   **{kind: [f"{prefix}_{layer}" in state for layer in LAYERS] for kind, prefix in _MASKS}},
         "loss": {"component_names": list(COMPONENT_NAMES), "active": list(loss._on),
