@@ -79,8 +79,8 @@ def single_process(x=None, y=None, mask=None, device="cpu"):
             {n: p.grad.cpu() for n, p in model.named_parameters() if p.requires_grad})
 
 
-# nccl: one rank per visible GPU, two at most (one GPU is world size 1, which still runs the collective and its
-# backward on the device); compared with one process on the first GPU.
+# nccl: one rank per visible GPU, two at most, compared with one process on the first GPU. One GPU is world
+# size 1: it runs the collective and its backward on the device, but only two ranks check what they sum.
 NCCL = pytest.param(None, True, "nccl", marks=[
     pytest.mark.cuda, CUDA, pytest.mark.skipif(not dist.is_nccl_available(), reason="this torch has no nccl backend")])
 
