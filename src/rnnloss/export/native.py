@@ -64,7 +64,8 @@ def native_payload(loss: RNNLoss) -> Dict[str, Any]:
     kinds = {True: "trained", None: "fixed", False: "absent"}
     return {
         "format": FORMAT, "version": VERSION,
-        "model": {"dims": [model.n_in, model.n_hid, model.n_out], **{k: kind(getattr(model, k)) for k, kind in _OPTIONS.items()},
+        "model": {"dims": [model.n_in, model.n_hid, model.n_out],
+                  **{k: kind(getattr(model, k)) for k, kind in _OPTIONS.items()},
                   "biases": [kinds[_bias_spec(lin)] for lin in _linears(model)],
                   **{kind: [f"{prefix}_{layer}" in state for layer in LAYERS] for kind, prefix in _MASKS}},
         "loss": {"component_names": list(COMPONENT_NAMES), "active": list(loss._on),
