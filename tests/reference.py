@@ -130,3 +130,14 @@ def float64_statistics(pred, label, states):
     sd32, cv32 = _sd_cv(means.astype(np.float32).astype(np.float64))
     return {"mse": float(((p - y) ** 2).sum() / p.size), "fr": float((r * r).sum() / r.size),
             "fr_sd": sd, "fr_cv": cv, "floor_sd": abs(sd32 - sd) / sd, "floor_cv": abs(cv32 - cv) / abs(cv)}
+
+
+def assert_meets_accuracy_bound(components, ref, who):
+    """The contract's accuracy bound on the rate terms and mse of ``components`` (λ = 1, any device) against
+    :func:`float64_statistics` ``ref``: mse and fr within 1e-5 relative, fr_sd and fr_cv within
+    max(1e-5, 4 × their float32 floor)."""
+    bounds = {"mse": 1e-5, "fr": 1e-5, "fr_sd": max(1e-5, 4 * ref["floor_sd"]), "fr_cv": max(1e-5, 4 * ref["floor_cv"])}
+    got = components.detach().double().cpu()
+    for name, index in (("mse", 0), ("fr", 4), ("fr_sd", 5), ("fr_cv", 6)):
+        err = abs(got[index].item() - ref[name]) / abs(ref[name])
+        assert err <= bounds[name], f"{who} {name}: relative error {err:.2e} > {bounds[name]:.2e}"

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from cases import ALL_ON, CUDA, DEVICES, make_inputs, make_model
-from reference import float64_statistics
+from reference import assert_meets_accuracy_bound, float64_statistics
 from rnnloss import RNNLoss
 from rnnloss.rules import Rule
 
@@ -112,8 +112,5 @@ def test_inductor_at_the_benchmark_size_meets_the_accuracy_bound():
     states_g = states.cuda().requires_grad_(True)
     total, got = compiled(pred.cuda(), label.cuda(), states_g)
     total.backward()  # the backward graph compiles too
-    bounds = {"mse": 1e-5, "fr": 1e-5, "fr_sd": max(1e-5, 4 * ref["floor_sd"]), "fr_cv": max(1e-5, 4 * ref["floor_cv"])}
-    for name, index in (("mse", 0), ("fr", 4), ("fr_sd", 5), ("fr_cv", 6)):
-        err = abs(got[index].item() - ref[name]) / abs(ref[name])
-        assert err <= bounds[name], f"{name}: relative error {err:.2e} > {bounds[name]:.2e}"
+    assert_meets_accuracy_bound(got, ref, "Inductor on CUDA")
     assert torch.isfinite(states_g.grad).all()

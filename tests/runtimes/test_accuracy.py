@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from reference import float64_statistics
+from reference import assert_meets_accuracy_bound, float64_statistics
 from runtime_exports import export_to
 
 SHAPES = {64: (625, 250, 64), 512: (1250, 16, 512)}  # (T, B, N): 1.0e7 and 1.02e7 elements
@@ -60,11 +60,6 @@ def test_exported_graphs_meet_the_accuracy_bound_at_ten_million_elements(graphs,
     pred, label = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
     states = RATES[rates](g, shape)
     ref = float64_statistics(pred, label, states)
-    bounds = {"mse": 1e-5, "fr": 1e-5,
-              "fr_sd": max(1e-5, 4 * ref["floor_sd"]), "fr_cv": max(1e-5, 4 * ref["floor_cv"])}
     for runtime, run in runtimes.items():
-        got = run(pred, label, states).double()
-        for name, index in (("mse", 0), ("fr", 4), ("fr_sd", 5), ("fr_cv", 6)):
-            err = abs(got[index].item() - ref[name]) / abs(ref[name])
-            assert err <= bounds[name], f"{runtime} {name}: relative error {err:.2e} > {bounds[name]:.2e}"
+        assert_meets_accuracy_bound(run(pred, label, states), ref, runtime)
     assert np.isfinite(list(ref.values())).all()
